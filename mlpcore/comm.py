@@ -1,0 +1,375 @@
+"""Launchers: where the workers run and where they talk.
+
+Three launchers share one interface, so a strategy never asks how it was
+started:
+
+* :class:`MPILauncher` - one process per rank under ``mpirun`` or ``srun``;
+  arrays move with mpi4py's buffer collectives (``Scatterv``, ``Bcast``,
+  ``Gather``), never pickled.
+* :class:`JoblibLauncher` - one machine, worker processes from joblib (loky);
+  large arrays reach the workers as read-only memory maps.
+* :class:`SerialLauncher` - the workers one after another in this process.
+
+Only small metadata (phase spans, thread counts, error messages) travels with
+pickled lower-case collectives.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import shard_bounds
+from .errors import MlpcoreError, UsageError
+from .timing import PhaseTimer
+
+# Environment variables that process managers set in every rank they start.
+_MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
+def env_rank():
+    """This process's rank as the process manager announced it (0 when not under one).
+
+    Used before MPI is initialised, so that only rank 0 prints usage errors.
+    """
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def started_by_mpi():
+    """True when a process manager (mpirun, mpiexec, srun with PMI) started this process."""
+    return any(var in os.environ for var in _MPI_ENV_VARS)
+
+
+def visible_cores():
+    """CPUs this process may run on (the affinity mask: Slurm and taskset shrink it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pin_blas_threads(n):
+    """Limit every BLAS/OpenMP pool in this process to ``n`` threads; returns what it now runs with.
+
+    The limiter is kept alive for the life of the process (threadpoolctl
+    resets the pools when it is garbage-collected).
+    """
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    global _blas_limiter
+    _blas_limiter = threadpool_limits(limits=n)
+    return blas_threads(threadpool_info())
+
+
+_blas_limiter = None
+
+
+def blas_threads(info=None):
+    """The largest thread count among this process's BLAS pools (1 if none is loaded)."""
+    if info is None:
+        from threadpoolctl import threadpool_info
+
+        info = threadpool_info()
+    counts = [pool["num_threads"] for pool in info if pool.get("user_api") == "blas"]
+    return max(counts) if counts else 1
+
+
+@dataclass
+class WorkerOutput:
+    """What one worker sends back to the root after training on its shard."""
+
+    rank: int
+    probs: np.ndarray            # (n_test, n_classes) float32 test-set probabilities
+    threads: int                 # BLAS threads the worker actually ran with
+    spans: list = field(default_factory=list)   # (phase, start_s, end_s) on the run's clock
+    losses: list = field(default_factory=list)  # per-epoch training loss
+    n_train: int = 0
+
+
+class Launcher:
+    """Interface shared by every launcher.
+
+    Attributes
+    ----------
+    name : str
+        ``"mpi"``, ``"joblib"`` or ``"serial"``.
+    size : int
+        Number of workers (MPI ranks, joblib processes, serial members).
+    rank : int
+        This process's rank (always 0 outside MPI).
+    threads : int
+        BLAS threads each worker is pinned to.
+    oversubscribed : bool
+        True when more threads run at once than this node has cores.
+    """
+
+    name = "?"
+    rank = 0
+    comm = None
+
+    @property
+    def is_root(self):
+        return self.rank == 0
+
+    def describe(self):
+        """Facts for results.json's ``environment``."""
+        return {"launcher": self.name, "world_size": self.size, "cores": self.cores,
+                "threads_requested": self.threads, "oversubscribed": self.oversubscribed,
+                "mpi_library": self.mpi_library()}
+
+    def mpi_library(self):
+        return None
+
+    # -- agreement: every rank learns of an error, so none waits forever ----------
+    def raise_if_any(self, error, phase):
+        """Collective: if ``error`` is set on any rank, raise it on every rank."""
+        if error is not None:
+            raise error
+
+    def on_root(self, fn, phase):
+        """Run ``fn()`` on the root and return its result there (None elsewhere).
+
+        A :class:`UsageError` raised by ``fn`` is re-raised on every rank, so a
+        bad data file ends the whole job with one message and exit status 2.
+        """
+        result, error = None, None
+        if self.is_root:
+            try:
+                result = fn()
+            except MlpcoreError as exc:
+                error = exc
+        self.raise_if_any(error, phase)
+        return result
+
+    def wait_for_root(self):
+        """Collective: non-root ranks sleep (not spin) until the root arrives."""
+
+    def start_clock(self):
+        """Collective: the origin of every rank's :class:`PhaseTimer` (after a barrier under MPI)."""
+        return time.perf_counter()
+
+    def gather_spans(self, timer):
+        """Every rank's phase spans on the root (under MPI); None means "in the outputs"."""
+        return None
+
+    def finalize(self):
+        pass
+
+
+class SerialLauncher(Launcher):
+    """Workers one after another in this process."""
+
+    name = "serial"
+
+    def __init__(self, size, threads=None):
+        self.size = size
+        self.cores = visible_cores()
+        self.threads = threads or self.cores  # one worker runs at a time
+        self.oversubscribed = self.threads > self.cores
+
+    def map_shards(self, member, x, y, x_test, settings, timer):
+        bounds = shard_bounds(len(x), self.size)
+        outputs = []
+        for rank in range(self.size):
+            lo, hi = bounds[rank], bounds[rank + 1]
+            outputs.append(_run_member(member, rank, x[lo:hi], y[lo:hi], x_test, settings,
+                                       self.threads, timer.t0))
+        return outputs
+
+
+class JoblibLauncher(Launcher):
+    """Workers in processes from joblib's loky backend, on this machine."""
+
+    name = "joblib"
+
+    def __init__(self, size, threads=None):
+        self.size = size
+        self.cores = visible_cores()
+        self.threads = threads or max(1, self.cores // size)
+        self.oversubscribed = size * self.threads > self.cores
+
+    def map_shards(self, member, x, y, x_test, settings, timer):
+        from joblib import Parallel, delayed, parallel_config
+
+        bounds = shard_bounds(len(x), self.size)
+        # inner_max_num_threads caps BLAS in each worker from its start, before
+        # numpy is imported there; _run_member pins and records it as well.
+        with parallel_config(backend="loky", inner_max_num_threads=self.threads):
+            return Parallel(n_jobs=self.size)(
+                delayed(_run_member)(member, rank, x[bounds[rank]:bounds[rank + 1]],
+                                     y[bounds[rank]:bounds[rank + 1]], x_test, settings,
+                                     self.threads, timer.t0)
+                for rank in range(self.size))
+
+
+def _run_member(member, rank, x, y, x_test, settings, threads, t0):
+    """Body of a joblib or serial worker: pin threads, train, time it on the root's clock."""
+    timer = PhaseTimer(t0=t0)
+    threads_used = pin_blas_threads(threads)
+    out = member(rank, x, y, x_test, settings, timer)
+    out.threads = threads_used
+    out.spans = timer.spans
+    return out
+
+
+class MPILauncher(Launcher):
+    """One process per rank; data moves with buffer collectives."""
+
+    name = "mpi"
+
+    def __init__(self, threads=None):
+        import mpi4py
+
+        # MPI_THREAD_MULTIPLE, set before MPI starts: --overlap thread calls MPI
+        # from a second thread. It is also what keeps MPICH fast when ranks
+        # outnumber cores: at this level its progress loop yields the core,
+        # while at "funneled" a 7.8 MB Bcast to 4 ranks on 2 cores took 2.4 s
+        # instead of 4 ms (measured with MPICH 5.0 from PyPI).
+        mpi4py.rc.thread_level = "multiple"
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self._check_not_singleton_copies()
+
+        # Cores and ranks of this node: BLAS threads are shared out per node.
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        node_cpus = set().union(*node.allgather(sorted(os.sched_getaffinity(0))))
+        self.cores, self.ranks_per_node = len(node_cpus), node.Get_size()
+        node.Free()
+        self.threads = threads or max(1, self.cores // self.ranks_per_node)
+        self.oversubscribed = self.ranks_per_node * self.threads > self.cores
+        self.provided_thread_level = MPI.Query_thread()
+        pin_blas_threads(self.threads)
+
+    def _check_not_singleton_copies(self):
+        # `srun --mpi=none` starts N independent copies of a 1-rank job: each
+        # would train on all the data and report a bogus "parallel" run.
+        tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
+        if self.size == 1 and tasks and tasks.isdigit() and int(tasks) > 1 and "SLURM_STEP_ID" in os.environ:
+            raise UsageError(
+                f"Slurm started {tasks} tasks but MPI sees a world of 1: each task would run alone. "
+                "Launch with `srun --mpi=pmi2 python mpi_train.py` (or mpirun), not --mpi=none.")
+
+    def mpi_library(self):
+        return self.MPI.Get_library_version().strip().splitlines()[0]
+
+    def raise_if_any(self, error, phase):
+        # Small pickled allgather: every rank learns of every rank's error.
+        report = None if error is None else (type(error).__name__, str(error))
+        reports = self.comm.allgather(report)
+        for rank, rep in enumerate(reports):
+            if rep is not None:
+                if error is not None and rank == self.rank:
+                    error.collective = True
+                    raise error
+                cls = UsageError if rep[0] in ("UsageError", "DataError") else MlpcoreError
+                exc = cls(rep[1] if rank == 0 else f"rank {rank} ({phase}): {rep[1]}")
+                exc.collective = True  # every rank raises it: exit cleanly, no MPI_Abort
+                raise exc
+
+    def wait_for_root(self):
+        request = self.comm.Ibarrier()
+        if self.is_root:
+            request.Wait()
+            return
+        # A blocking Barrier busy-polls, stealing a core from the root's timed
+        # baseline on a small machine; test-and-sleep costs nothing.
+        while not request.Test():
+            time.sleep(0.002)
+
+    def start_clock(self):
+        self.comm.Barrier()
+        return time.perf_counter()
+
+    def bcast_array(self, array, shape, dtype):
+        """Broadcast an array from the root; other ranks allocate ``shape``/``dtype``."""
+        buf = array if self.is_root else np.empty(shape, dtype=dtype)
+        self.comm.Bcast(buf, root=0)
+        return buf
+
+    def map_shards(self, member, x, y, x_test, settings, timer):
+        """Scatter the training shards, train a member on every rank, gather its test probabilities."""
+        comm = self.comm
+        with timer.phase("scatter" if self.is_root else "wait"):
+            # Shapes first (tiny), so every rank can allocate its receive buffers;
+            # the other ranks wait here while the root loads the data.
+            shape = comm.bcast((x.shape, x_test.shape) if self.is_root else None, root=0)
+        (n_train, n_features), test_shape = shape
+        with timer.phase("scatter"):
+            bounds = shard_bounds(n_train, self.size)
+            counts = np.diff(bounds)
+            lo, hi = bounds[self.rank], bounds[self.rank + 1]
+            x_shard = np.empty((hi - lo, n_features), dtype=np.uint8)
+            y_shard = np.empty(hi - lo, dtype=np.uint8)
+            # Shards of raw uint8 pixels (4x smaller than float32); each rank scales its own.
+            comm.Scatterv([x, counts * n_features, bounds[:-1] * n_features, self.MPI.UNSIGNED_CHAR]
+                          if self.is_root else None, x_shard, root=0)
+            comm.Scatterv([y, counts, bounds[:-1], self.MPI.UNSIGNED_CHAR] if self.is_root else None,
+                          y_shard, root=0)
+            x_test = self.bcast_array(x_test, test_shape, np.uint8)
+
+        out = member(self.rank, x_shard, y_shard, x_test, settings, timer)
+        out.threads = blas_threads()
+
+        with timer.phase("gather"):
+            probs = np.empty((self.size, *out.probs.shape), dtype=np.float32) if self.is_root else None
+            comm.Gather(np.ascontiguousarray(out.probs, dtype=np.float32), probs, root=0)
+            meta = comm.gather((out.rank, out.threads, out.losses, out.n_train), root=0)
+        if not self.is_root:
+            return None
+        return [WorkerOutput(rank=r, probs=probs[r], threads=t, losses=l, n_train=n)
+                for r, t, l, n in meta]
+
+    def gather_spans(self, timer):
+        """Every rank's phase spans, on the root (small, pickled)."""
+        return self.comm.gather(timer.spans, root=0)
+
+    def abort(self, code):
+        self.comm.Abort(code)
+
+
+def make_launcher(args):
+    """Choose and start the launcher the options ask for.
+
+    ``auto`` means MPI when a process manager (mpirun, srun) started this
+    process, joblib otherwise. ``mpirun -n 1`` runs the ensemble's ``--jobs``
+    workers with joblib, since one rank has no one to share with.
+    """
+    choice = args.launcher
+    if choice == "auto":
+        choice = "mpi" if started_by_mpi() else "joblib"
+    if choice == "mpi":
+        launcher = _start_mpi(args)
+        if args.launcher == "auto" and launcher.size == 1 and args.strategy == "ensemble":
+            return JoblibLauncher(args.jobs, args.threads)
+        return launcher
+    if args.strategy != "ensemble":
+        raise UsageError(f"--strategy {args.strategy} needs MPI: launch it with "
+                         f"`mpirun -n N python mpi_train.py --strategy {args.strategy}` "
+                         f"(the {choice} launcher runs only the ensemble)")
+    if choice == "joblib":
+        return JoblibLauncher(args.jobs, args.threads)
+    return SerialLauncher(args.jobs, args.threads)
+
+
+def _start_mpi(args):
+    try:
+        return MPILauncher(args.threads)
+    except ImportError as exc:  # mpi4py missing, or it found no MPI library
+        raise UsageError(f"the MPI launcher needs mpi4py and an MPI library ({exc}): "
+                         "pip install -e .[mpi], or run without mpirun to use joblib") from None
+
+
+def print_once(message, file=sys.stderr):
+    """Print on rank 0 only (before or after MPI is up)."""
+    if env_rank() == 0:
+        print(message, file=file, flush=True)

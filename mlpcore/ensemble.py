@@ -1,0 +1,127 @@
+"""The ensemble strategy: one model per shard, then a vote.
+
+Each worker trains an MLP on its shard of the training set (seed + rank) and
+returns its test-set class probabilities; the root combines them by a soft vote
+(mean probability) and a hard vote (majority, ties broken by summed
+probability).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .comm import WorkerOutput
+from .data import to_float
+from .train import train_sequential
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a worker needs to train one member (picklable for joblib)."""
+
+    hidden: tuple
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha: float
+    dtype: str
+    trainer: str
+    seed: int
+    progress: bool = False  # an epoch bar on stderr (rank 0, terminal only)
+
+    @classmethod
+    def from_args(cls, args, progress=False):
+        return cls(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   alpha=args.alpha, dtype=args.dtype, trainer=args.trainer, seed=args.seed,
+                   progress=progress)
+
+
+def soft_vote(probs):
+    """Class with the highest mean probability across members.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (n_members, n_samples, n_classes)
+
+    Returns
+    -------
+    ndarray of int, shape (n_samples,)
+    """
+    return probs.sum(axis=0).argmax(axis=1)
+
+
+def hard_vote(probs):
+    """Majority vote of the members' predicted classes.
+
+    A tie between classes with the same number of votes goes to the one with
+    the larger summed probability, not to the lowest label (which is what
+    ``np.bincount(votes).argmax()`` would pick).
+
+    Parameters
+    ----------
+    probs : ndarray, shape (n_members, n_samples, n_classes)
+
+    Returns
+    -------
+    ndarray of int, shape (n_samples,)
+    """
+    n_members, n_samples, n_classes = probs.shape
+    votes = probs.argmax(axis=2)                                   # (members, samples)
+    counts = np.zeros((n_samples, n_classes), dtype=np.intp)
+    np.add.at(counts, (np.arange(n_samples)[None, :], votes), 1)   # votes per class
+    summed = probs.sum(axis=0)
+    # Among the classes with the most votes, take the most probable; summed
+    # probability is < n_members, so it never outweighs a whole vote.
+    is_top = counts == counts.max(axis=1, keepdims=True)
+    return np.where(is_top, summed, -np.inf).argmax(axis=1)
+
+
+def train_member(rank, x, y, x_test, settings, timer):
+    """Train one ensemble member on its shard and predict the test set.
+
+    Runs inside whichever process the launcher gives it. ``x``/``x_test`` are
+    raw uint8 pixels; the member scales them itself.
+    """
+    dtype = np.dtype(settings.dtype)
+    seed = settings.seed + rank
+    with timer.phase("train"):
+        if settings.trainer == "sklearn":
+            model, losses = _train_sklearn(x, y, settings, seed)
+        else:
+            bar = _epoch_bar(settings) if rank == 0 else None
+            model, losses, _ = train_sequential(
+                x, y, hidden=settings.hidden, epochs=settings.epochs, batch_size=settings.batch_size,
+                seed=seed, dtype=dtype, lr=settings.lr, alpha=settings.alpha,
+                on_epoch=None if bar is None else (lambda epoch, loss: bar.update(1)))
+            if bar is not None:
+                bar.close()
+    with timer.phase("predict"):
+        probs = model.predict_proba(to_float(x_test, dtype)).astype(np.float32, copy=False)
+    return WorkerOutput(rank=rank, probs=probs, threads=0, losses=[float(v) for v in losses], n_train=len(x))
+
+
+def _train_sklearn(x, y, settings, seed):
+    """scikit-learn's MLPClassifier with the same settings, as the reference program trained it."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=settings.hidden, activation="relu", solver="adam",
+                        alpha=settings.alpha, batch_size=settings.batch_size, learning_rate_init=settings.lr,
+                        max_iter=settings.epochs, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # max_iter is the epoch count here, so "not converged" is expected.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(to_float(x, np.dtype(settings.dtype)), y)
+    return clf, list(clf.loss_curve_)
+
+
+def _epoch_bar(settings):
+    if not settings.progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=settings.epochs, desc="rank 0 epochs", unit="epoch", file=sys.stderr, leave=False)

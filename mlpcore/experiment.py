@@ -1,0 +1,256 @@
+"""One experiment, start to finish: load, distribute, train, combine, baseline, report.
+
+Every rank runs :func:`run`; the launcher decides what "rank" means. The root
+(rank 0) loads the data, combines the workers' results, times the sequential
+baseline and writes the report; the other ranks train and then wait.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import report
+from .comm import blas_threads, make_launcher, pin_blas_threads
+from .config import config_dict
+from .data import download_mnist, load_mnist, shard_bounds
+from .ensemble import TrainSettings, hard_vote, soft_vote, train_member
+from .errors import UsageError
+from .metrics import accuracy, speedup
+from .timing import PhaseTimer
+
+
+class _State:
+    """What the CLI's error handler needs to say where a failure happened."""
+
+    launcher = None
+    timer = None
+
+    @property
+    def phase(self):
+        return (self.timer.current if self.timer is not None else None) or "startup"
+
+
+STATE = _State()
+
+
+def run(args):
+    """Run the experiment the options describe; returns the results dict on the root, else None."""
+    launcher = STATE.launcher = make_launcher(args)
+    timer = STATE.timer = PhaseTimer(launcher.start_clock())
+    launcher.raise_if_any(_options_differ(launcher, args), "options")
+    run_dir = launcher.on_root(lambda: report.prepare_run_dir(args, launcher.size), "output")
+    try:
+        with timer.phase("load" if launcher.is_root else "wait"):
+            data = launcher.on_root(lambda: _load(args, launcher.size), "load")
+        strategies = ("ensemble", "allreduce", "localsgd") if args.compare else (args.strategy,)
+        outcomes = {name: _run_strategy(name, launcher, data, args, timer) for name in strategies}
+        parallel_total_s = timer.now()
+
+        baselines = _baselines(launcher, data, args, timer)
+        spans = launcher.gather_spans(timer)
+        if not launcher.is_root:
+            return None
+        results = _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_total_s)
+        report.write_run(run_dir, results, data, outcomes, baselines, args)
+        return results
+    except BaseException:
+        if launcher.is_root:
+            report.discard_run_dir(run_dir)
+        raise
+
+
+def _options_differ(launcher, args):
+    """A UsageError if the ranks were started with different options (e.g. a bad wrapper script)."""
+    if launcher.comm is None:
+        return None
+    mine = repr(config_dict(args))
+    everyone = launcher.comm.allgather(mine)
+    odd = [r for r, cfg in enumerate(everyone) if cfg != everyone[0]]
+    if odd:
+        return UsageError(f"ranks {odd} were started with options that differ from rank 0's; "
+                          "every rank must get the same command line")
+    return None
+
+
+def _load(args, workers):
+    """Load (and if asked, download) MNIST on the root, and check it splits into the shards."""
+    if args.download:
+        # The downloaded file claims to be canonical MNIST: check its arrays too.
+        path = download_mnist(args.data, url=args.mirror, progress=not args.quiet)
+        data = load_mnist(path, train_limit=args.train_limit, test_limit=args.test_limit, verify_checksums=True)
+    else:
+        data = load_mnist(args.data, source=args.source, train_limit=args.train_limit,
+                          test_limit=args.test_limit)
+    shard_bounds(data.n_train, workers)  # raises a clear error when shards would be empty
+    return data
+
+
+def _run_strategy(name, launcher, data, args, timer):
+    """Train with one strategy; the root gets a dict of predictions and per-rank facts."""
+    if name == "ensemble":
+        return _run_ensemble(launcher, data, args, timer)
+    from .strategies import run_data_parallel
+
+    return run_data_parallel(name, launcher, data, args, timer)
+
+
+def _run_ensemble(launcher, data, args, timer):
+    settings = TrainSettings.from_args(args, progress=not args.quiet)
+    x, y, x_test = (data.x_train, data.y_train, data.x_test) if launcher.is_root else (None, None, None)
+    outputs = launcher.map_shards(train_member, x, y, x_test, settings, timer)
+    if not launcher.is_root:
+        return None
+    with timer.phase("vote"):
+        probs = np.stack([out.probs for out in outputs])
+        predictions = {"soft": soft_vote(probs), "hard": hard_vote(probs)}
+    return {
+        "strategy": "ensemble",
+        "y_pred": predictions[args.vote],
+        "metrics": {
+            "vote_soft_accuracy": accuracy(data.y_test, predictions["soft"]),
+            "vote_hard_accuracy": accuracy(data.y_test, predictions["hard"]),
+            "member_accuracy": [accuracy(data.y_test, p.argmax(axis=1)) for p in probs],
+        },
+        "accuracy": accuracy(data.y_test, predictions[args.vote]),
+        "threads_per_worker": [out.threads for out in outputs],
+        "worker_spans": [out.spans for out in outputs],
+        "final_train_loss": [out.losses[-1] if out.losses else None for out in outputs],
+        "shard_sizes": [out.n_train for out in outputs],
+        "comm": {"scatter_bytes": int(data.x_train.nbytes + data.y_train.nbytes),
+                 "bcast_bytes": int(data.x_test.nbytes) * (launcher.size - 1),
+                 "gather_bytes": int(probs.nbytes)},
+    }
+
+
+def _baselines(launcher, data, args, timer):
+    """Train the sequential baseline(s) on the root while the other ranks sleep.
+
+    The first entry of ``--baseline-threads`` is the classic T1 of the
+    speed-up; others (e.g. ``all``) answer "was one multi-threaded process enough?".
+    """
+    if args.no_baseline:
+        return []
+    runs = []
+    if launcher.is_root:
+        settings = TrainSettings.from_args(args, progress=not args.quiet)
+        worker_threads = blas_threads()
+        for requested in args.baseline_threads:
+            threads = pin_blas_threads(launcher.cores if requested == "all" else requested)
+            member_timer = PhaseTimer()
+            with timer.phase("baseline"):
+                # Same trainer, model, epochs and seed as rank 0's member, on all the data.
+                out = train_member(0, data.x_train, data.y_train, data.x_test, settings, member_timer)
+            y_pred = out.probs.argmax(axis=1)
+            runs.append({"threads": threads, "requested": requested,
+                         "train_s": member_timer.seconds("train"), "predict_s": member_timer.seconds("predict"),
+                         "accuracy": accuracy(data.y_test, y_pred), "y_pred": y_pred,
+                         "final_train_loss": out.losses[-1] if out.losses else None})
+        pin_blas_threads(worker_threads)
+    launcher.wait_for_root()
+    return runs
+
+
+def _phase_totals(spans):
+    totals = {}
+    for name, start, end in spans:
+        totals[name] = totals.get(name, 0.0) + (end - start)
+    return totals
+
+
+def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_total_s):
+    """The results.json document (root only)."""
+    headline = outcomes[args.strategy]
+    root_spans = timer.spans
+    if spans is None:  # joblib/serial: worker spans came back with the outputs
+        spans = [list(s) for s in headline["worker_spans"]]
+        spans[0] = root_spans + spans[0]
+    per_rank = []
+    for rank, rank_spans in enumerate(spans):
+        totals = _phase_totals(rank_spans)
+        per_rank.append({"rank": rank, **{f"{k}_s": round(totals.get(k, 0.0), 6) for k in
+                                          ("load", "wait", "scatter", "train", "predict", "gather", "comm_exposed")},
+                         "threads": headline["threads_per_worker"][rank]})
+    parallel_train_s = max(r["train_s"] for r in per_rank)
+    load_s = per_rank[0]["load_s"]
+
+    timings = {"parallel_train_s": parallel_train_s, "parallel_total_s": parallel_total_s,
+               "load_s": load_s, "vote_s": _phase_totals(root_spans).get("vote", 0.0), "per_rank": per_rank,
+               "baseline_train_s": None, "baseline_total_s": None, "baselines": []}
+    metrics = dict(headline["metrics"])
+    metrics["accuracy"] = headline["accuracy"]
+    speed = {}
+    for i, b in enumerate(baselines):
+        total = load_s + b["train_s"] + b["predict_s"]  # sequential end to end
+        entry = {"threads": b["threads"], "requested": b["requested"], "train_s": b["train_s"],
+                 "predict_s": b["predict_s"], "total_s": total, "accuracy": b["accuracy"],
+                 "final_train_loss": b["final_train_loss"],
+                 "speedup_train": speedup(b["train_s"], parallel_train_s),
+                 "speedup_end_to_end": speedup(total, parallel_total_s)}
+        entry["efficiency_train"] = entry["speedup_train"] / launcher.size
+        entry["efficiency_end_to_end"] = entry["speedup_end_to_end"] / launcher.size
+        timings["baselines"].append(entry)
+        if i == 0:
+            timings["baseline_train_s"], timings["baseline_total_s"] = b["train_s"], total
+            metrics["baseline_accuracy"] = b["accuracy"]
+            speed = {"train": entry["speedup_train"], "end_to_end": entry["speedup_end_to_end"],
+                     "efficiency_train": entry["efficiency_train"],
+                     "efficiency_end_to_end": entry["efficiency_end_to_end"],
+                     "baseline_threads": b["threads"]}
+    if len(timings["baselines"]) > 1:
+        best = min(timings["baselines"][1:], key=lambda e: e["train_s"])
+        speed["vs_multithreaded"] = {"baseline_threads": best["threads"], "train": best["speedup_train"],
+                                     "end_to_end": best["speedup_end_to_end"]}
+
+    compare = {}
+    for name, outcome in outcomes.items():
+        compare[name] = {k: outcome.get(k) for k in ("accuracy", "comm", "final_train_loss")}
+        compare[name]["parallel_train_s"] = max(
+            _phase_totals(s).get("train", 0.0) for s in outcome["worker_spans"]) \
+            if outcome.get("worker_spans") else None
+    return {
+        "config": config_dict(args),
+        "environment": _environment(launcher, headline),
+        "data": {"origin": data.origin, "n_train": data.n_train, "n_test": data.n_test,
+                 "shard_sizes": headline.get("shard_sizes")},
+        "timings": timings,
+        "metrics": metrics,
+        "speedup": speed,
+        "strategy": {"name": args.strategy, **{k: v for k, v in headline.items()
+                                               if k in ("comm", "final_train_loss", "overlap")}},
+        "compare": compare if args.compare else None,
+        "spans": [[list(s) for s in rank_spans] for rank_spans in spans],
+        "warnings": _warnings(launcher),
+    }
+
+
+def _warnings(launcher):
+    notes = []
+    if launcher.oversubscribed:
+        notes.append(f"{launcher.size} workers x {launcher.threads} BLAS thread(s) on {launcher.cores} cores: "
+                     "workers share cores, so the parallel times include time-slicing")
+    return notes
+
+
+def _environment(launcher, headline):
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("numpy", "mpi4py", "mpich", "joblib", "threadpoolctl", "scikit-learn", "matplotlib"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    from threadpoolctl import threadpool_info
+
+    env = launcher.describe()
+    env.update({"threads_per_worker": headline["threads_per_worker"], "versions": versions,
+                "hostname": platform.node(), "platform": platform.platform(),
+                "blas": [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                         for pool in threadpool_info() if pool.get("user_api") == "blas"],
+                "python_executable": sys.executable, "pid": os.getpid()})
+    return env

@@ -1,0 +1,285 @@
+"""The numpy multi-layer perceptron: ReLU hidden layers, softmax output, Adam.
+
+Written for speed on a CPU core, in the layout of scikit-learn's
+``MLPClassifier``: weights and gradients are per-layer lists, forward and
+backprop are loops over layers. Two things make it fast:
+
+* every parameter lives in one flat float buffer (``MLP.params``) and every
+  gradient in another (``MLP.grads``); the per-layer ``coefs`` / ``intercepts``
+  lists are views into them. Adam then runs a handful of vectorised passes over
+  one array instead of a loop over layers, and a gradient allreduce sends one
+  buffer (or contiguous buckets of it) with no packing.
+* the flat buffers store the layers **last layer first**, the order in which
+  backprop produces their gradients. A prefix of ``grads`` is therefore final
+  as soon as backprop has passed it, which is what overlapped communication
+  needs (see :mod:`mlpcore.strategies`).
+
+The maths follows scikit-learn so the two agree to within sampling noise:
+Glorot-uniform initialisation, the loss ``mean cross-entropy +
+alpha/2 * ||W||^2 / batch``, and the same Adam update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+
+@dataclass
+class _BatchBuffers:
+    outputs: list      # each layer's activations (the last holds probabilities, then deltas)
+    deltas: list       # dL/dz of each hidden layer
+    mask: list         # ReLU derivative of each hidden layer
+    ones: np.ndarray   # for bias gradients as a matrix-vector product
+    row_offsets: np.ndarray  # flat index of each row's first class, to pick the true class
+
+
+class MLP:
+    """Multi-layer perceptron classifier with ReLU hidden layers and a softmax output.
+
+    Parameters
+    ----------
+    layer_sizes : sequence of int
+        Units per layer, input first and classes last, e.g. ``(784, 128, 10)``.
+    dtype : numpy dtype, default float32
+        Floating type of parameters, gradients and activations.
+    rng : numpy.random.Generator
+        Source of the Glorot-uniform initial weights.
+
+    Attributes
+    ----------
+    coefs : list of ndarray, shape (fan_in, fan_out)
+        Weight matrix of each layer, first layer first (views into ``params``).
+    intercepts : list of ndarray, shape (fan_out,)
+        Bias of each layer (views into ``params``).
+    coef_grads, intercept_grads : list of ndarray
+        Gradients of the same shapes (views into ``grads``).
+    params, grads : ndarray, shape (n_params,)
+        Flat buffers holding every parameter / gradient, last layer first.
+    layer_slices : list of slice
+        ``params[layer_slices[i]]`` holds layer ``i``'s weights then its bias.
+    """
+
+    def __init__(self, layer_sizes, *, dtype=np.float32, rng):
+        sizes = [int(s) for s in layer_sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise UsageError(f"layer sizes must be at least two positive integers, got {layer_sizes!r}")
+        self.layer_sizes = tuple(sizes)
+        self.dtype = np.dtype(dtype)
+        n_layers = len(sizes) - 1
+        counts = [sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(n_layers)]
+        self.params = np.empty(sum(counts), dtype=self.dtype)
+        self.grads = np.zeros_like(self.params)
+
+        # Last layer first: layer i starts after all layers above it.
+        starts = np.cumsum([0] + counts[::-1])[::-1][1:]
+        self.layer_slices = [slice(int(s), int(s) + c) for s, c in zip(starts, counts)]
+        self.coefs, self.intercepts = self._layer_views(self.params)
+        self.coef_grads, self.intercept_grads = self._layer_views(self.grads)
+
+        for W, b in zip(self.coefs, self.intercepts):
+            # Glorot & Bengio (2010) uniform bound, as scikit-learn uses for ReLU.
+            bound = np.sqrt(6.0 / (W.shape[0] + W.shape[1]))
+            W[...] = rng.uniform(-bound, bound, W.shape)
+            b[...] = rng.uniform(-bound, bound, b.shape)
+        self._batch_buffers = {}
+
+    def _layer_views(self, flat):
+        coefs, intercepts = [], []
+        for i, sl in enumerate(self.layer_slices):
+            fan_in, fan_out = self.layer_sizes[i], self.layer_sizes[i + 1]
+            block = flat[sl]
+            coefs.append(block[: fan_in * fan_out].reshape(fan_in, fan_out))
+            intercepts.append(block[fan_in * fan_out:])
+        return coefs, intercepts
+
+    @property
+    def n_layers(self):
+        """Number of weight layers (hidden layers + 1)."""
+        return len(self.coefs)
+
+    def _buffers(self, n):
+        """Work arrays for a batch of ``n`` rows, allocated once per batch size."""
+        if n not in self._batch_buffers:
+            hidden_and_out = self.layer_sizes[1:]
+            self._batch_buffers[n] = _BatchBuffers(
+                outputs=[np.empty((n, s), dtype=self.dtype) for s in hidden_and_out],
+                deltas=[np.empty((n, s), dtype=self.dtype) for s in hidden_and_out[:-1]],
+                mask=[np.empty((n, s), dtype=self.dtype) for s in hidden_and_out[:-1]],
+                ones=np.ones(n, dtype=self.dtype),
+                row_offsets=np.arange(n) * self.layer_sizes[-1],
+            )
+        return self._batch_buffers[n]
+
+    def forward(self, X):
+        """Forward pass.
+
+        Parameters
+        ----------
+        X : ndarray, shape (n_samples, n_features)
+            Inputs in ``self.dtype``.
+
+        Returns
+        -------
+        activations : list of ndarray
+            ``[X, hidden_1, ..., probabilities]``; all but ``X`` are buffers
+            reused by the next call with the same batch size.
+        """
+        outputs = self._buffers(X.shape[0]).outputs
+        activations = [X]
+        for i, (W, b) in enumerate(zip(self.coefs, self.intercepts)):
+            Z = outputs[i]
+            np.dot(activations[-1], W, out=Z)
+            Z += b
+            if i < self.n_layers - 1:
+                np.maximum(Z, 0, out=Z)  # ReLU
+            else:
+                _softmax_inplace(Z)
+            activations.append(Z)
+        return activations
+
+    def backward(self, activations, y, scale):
+        """Backprop the cross-entropy data term into ``self.grads``.
+
+        The gradient written is ``scale * sum over samples`` of the per-sample
+        gradient, so ``scale = 1 / global_batch`` gives the batch mean even when
+        this process holds only a slice of the batch. The L2 term is added by
+        the optimizer (:meth:`Adam.step`), after any allreduce.
+
+        Parameters
+        ----------
+        activations : list of ndarray
+            The output of :meth:`forward`; the probabilities are overwritten.
+        y : ndarray of int, shape (n_samples,)
+            Class labels.
+        scale : float
+            Factor applied to the summed gradient.
+
+        Yields
+        ------
+        layer : int
+            After layer ``layer``'s gradients are final (last layer first),
+            so a caller can start communicating them while backprop goes on.
+        """
+        n = y.shape[0]
+        buffers = self._buffers(n)
+        deltas = buffers.deltas
+        delta = activations[-1]  # softmax + cross-entropy: dL/dz = p - onehot(y), in place
+        delta.ravel()[buffers.row_offsets + y] -= 1
+        delta *= self.dtype.type(scale)
+        for i in range(self.n_layers - 1, -1, -1):
+            np.dot(activations[i].T, delta, out=self.coef_grads[i])
+            np.dot(buffers.ones, delta, out=self.intercept_grads[i])  # column sums, via BLAS
+            if i > 0:
+                # Propagate to the layer below through W_i and the ReLU mask.
+                # Hidden activations are >= 0, so sign() is the 0/1 mask; a float
+                # multiply is several times faster than boolean indexing.
+                below = deltas[i - 1]
+                np.dot(delta, self.coefs[i].T, out=below)
+                np.sign(activations[i], out=buffers.mask[i - 1])
+                below *= buffers.mask[i - 1]
+                delta = below
+            yield i
+
+    def gradient(self, X, y, scale=None):
+        """Compute the data-term gradient of a batch into ``self.grads`` at once.
+
+        Returns the summed cross-entropy of the batch (before ``scale``).
+        """
+        activations = self.forward(X)
+        loss = cross_entropy_sum(activations[-1], y)
+        for _ in self.backward(activations, y, 1.0 / len(y) if scale is None else scale):
+            pass
+        return loss
+
+    def l2_penalty(self, alpha, n):
+        """The L2 term of the loss, ``alpha / 2 * sum(W**2) / n``, as scikit-learn scales it."""
+        return 0.5 * alpha * sum(float(np.dot(W.ravel(), W.ravel())) for W in self.coefs) / n
+
+    def predict_proba(self, X, chunk=8192):
+        """Class probabilities, shape (n_samples, n_classes), computed in chunks."""
+        X = np.asarray(X, dtype=self.dtype)
+        out = np.empty((X.shape[0], self.layer_sizes[-1]), dtype=self.dtype)
+        for start in range(0, X.shape[0], chunk):
+            out[start:start + chunk] = self.forward(X[start:start + chunk])[-1]
+        return out
+
+    def predict(self, X):
+        """Most probable class of each sample."""
+        return self.predict_proba(X).argmax(axis=1)
+
+
+class Adam:
+    """Adam (Kingma & Ba, 2015) on a flat parameter buffer, with L2 on the weights.
+
+    Same update as scikit-learn's ``AdamOptimizer``, rearranged to take fewer
+    passes over memory: the moments are kept unnormalised,
+    ``M = m / (1 - beta_1)`` and ``V = v / (1 - beta_2)``, so each needs one
+    scale and one add.
+
+    Parameters
+    ----------
+    model : MLP
+        The model whose ``params`` are updated from its ``grads``.
+    lr, beta_1, beta_2, epsilon : float
+        Adam's hyper-parameters (scikit-learn's defaults).
+    alpha : float
+        L2 strength; the step adds ``alpha / batch * W`` to the weight gradients.
+    """
+
+    def __init__(self, model, *, lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, alpha=1e-4):
+        self.model = model
+        self.lr, self.beta_1, self.beta_2, self.epsilon, self.alpha = lr, beta_1, beta_2, epsilon, alpha
+        self.t = 0
+        self.M = np.zeros_like(model.params)
+        self.V = np.zeros_like(model.params)
+        self._tmp = np.empty_like(model.params)
+
+    def state(self):
+        """Arrays and counters that, with the parameters, determine every later step."""
+        return {"t": self.t, "M": self.M, "V": self.V}
+
+    def load_state(self, state):
+        self.t = int(state["t"])
+        self.M[...] = state["M"]
+        self.V[...] = state["V"]
+
+    def step(self, batch_size):
+        """Apply one update from ``model.grads`` (the batch-mean data gradient)."""
+        f = self.model.dtype.type
+        g, p, M, V, tmp = self.model.grads, self.model.params, self.M, self.V, self._tmp
+        if self.alpha:
+            l2 = f(self.alpha / batch_size)
+            for W, gW in zip(self.model.coefs, self.model.coef_grads):
+                gW += np.multiply(W, l2, out=tmp[: W.size].reshape(W.shape))
+        self.t += 1
+        M *= f(self.beta_1)
+        M += g
+        np.multiply(g, g, out=tmp)
+        V *= f(self.beta_2)
+        V += tmp
+        # p -= lr_t * m / (sqrt(v) + eps), with lr_t scikit-learn's bias-corrected rate,
+        # m = (1 - b1) M and v = (1 - b2) V folded into two scalars.
+        lr_t = self.lr * np.sqrt(1 - self.beta_2 ** self.t) / (1 - self.beta_1 ** self.t)
+        root_1mb2 = np.sqrt(1 - self.beta_2)
+        np.sqrt(V, out=tmp)
+        tmp *= f(root_1mb2 / (lr_t * (1 - self.beta_1)))
+        tmp += f(self.epsilon / (lr_t * (1 - self.beta_1)))
+        np.divide(M, tmp, out=tmp)
+        p -= tmp
+
+
+def _softmax_inplace(Z):
+    Z -= Z.max(axis=1, keepdims=True)
+    np.exp(Z, out=Z)
+    Z /= Z.sum(axis=1, keepdims=True)
+
+
+def cross_entropy_sum(probs, y):
+    """Summed negative log-likelihood of the true classes (probabilities clipped as scikit-learn does)."""
+    p = probs.ravel()[np.arange(0, probs.size, probs.shape[1]) + y]
+    eps = np.finfo(probs.dtype).eps
+    return float(-np.log(np.clip(p, eps, 1 - eps)).sum())

@@ -1,0 +1,102 @@
+"""Figures of one run: confusion matrices and the run's task graph.
+
+Matplotlib runs on the Agg backend unless ``--show`` asks for windows, so a
+run on a cluster node never blocks on a display.
+"""
+
+from __future__ import annotations
+
+from .metrics import confusion_matrix
+from .report import atomic_savefig
+
+
+def _pyplot(show):
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_figures(run_dir, results, data, headline, baselines, args):
+    """Draw the run's figures into ``run_dir``; returns their file names."""
+    plt = _pyplot(args.show)
+    files = []
+    title = f"{args.strategy}" + (f" ({args.vote} vote)" if args.strategy == "ensemble" else "")
+    files.append(confusion_heatmap(plt, run_dir / "confusion_parallel.png", data.y_test, headline["y_pred"],
+                                   f"{title}, {results['environment']['world_size']} workers: "
+                                   f"accuracy {headline['accuracy']:.4f}"))
+    if baselines:
+        b = baselines[0]
+        files.append(confusion_heatmap(plt, run_dir / "confusion_baseline.png", data.y_test, b["y_pred"],
+                                       f"sequential baseline ({b['threads']} thread): accuracy {b['accuracy']:.4f}"))
+    if args.strategy == "ensemble":
+        files.append(task_graph(plt, run_dir / "task_graph.png", results, headline))
+    if not args.show:
+        plt.close("all")
+    return files
+
+
+def confusion_heatmap(plt, path, y_true, y_pred, title):
+    """Seaborn heatmap of the confusion matrix, counts annotated."""
+    import seaborn as sns
+
+    cm = confusion_matrix(y_true, y_pred)
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, annot_kws={"size": 7})
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    return path.name
+
+
+def _bytes(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def task_graph(plt, path, results, headline):
+    """The run's real task graph: load, shards to ranks, train, predictions to the vote, baseline.
+
+    Edges carry the bytes that moved: each rank's uint8 shard and labels, the
+    broadcast test set, and each rank's float32 test probabilities.
+    """
+    import networkx as nx
+
+    n = results["environment"]["world_size"]
+    n_test = results["data"]["n_test"]
+    n_features = 784
+    shard_sizes = headline["shard_sizes"]
+    G = nx.DiGraph()
+    G.add_node("load", layer=0, label=f"load MNIST\n(rank 0)")
+    G.add_node("vote", layer=3, label="vote\n(rank 0)")
+    for r in range(n):
+        G.add_node(f"train{r}", layer=1, label=f"train\nrank {r}\n{shard_sizes[r]} imgs")
+        G.add_node(f"predict{r}", layer=2, label=f"predict\nrank {r}")
+        shard_bytes = shard_sizes[r] * (n_features + 1)
+        test_bytes = 0 if r == 0 else n_test * n_features
+        G.add_edge("load", f"train{r}", label=_bytes(shard_bytes + test_bytes))
+        G.add_edge(f"train{r}", f"predict{r}", label="model")
+        G.add_edge(f"predict{r}", "vote", label=_bytes(n_test * 10 * 4))
+    if results["timings"]["baselines"]:
+        G.add_node("baseline", layer=1.5, label="sequential\nbaseline\n(rank 0)")
+        G.add_edge("load", "baseline", label="all data (local)")
+        G.add_edge("baseline", "vote", label="compare")
+    pos = nx.multipartite_layout(G, subset_key="layer")
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 1.2 * n))
+    nx.draw_networkx_nodes(G, pos, ax=ax, node_size=2600, node_color="#dbe9f6", edgecolors="#2b6ca3")
+    nx.draw_networkx_labels(G, pos, labels=nx.get_node_attributes(G, "label"), font_size=7, ax=ax)
+    nx.draw_networkx_edges(G, pos, ax=ax, arrows=True, arrowsize=12, node_size=2600, edge_color="#555")
+    nx.draw_networkx_edge_labels(G, pos, edge_labels=nx.get_edge_attributes(G, "label"), font_size=6, ax=ax)
+    ax.set_title(f"Task graph of this run: {n} ranks, bytes moved on each edge "
+                 "(uint8 shards and test set out, float32 probabilities back)", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    return path.name

@@ -1,0 +1,53 @@
+"""Phase timing: each rank records named spans on one clock.
+
+Spans are ``(name, start_s, end_s)`` relative to the moment the run started on
+that rank (right after a barrier for MPI, so the ranks' clocks line up to
+within the barrier's exit skew). Phase totals feed ``results.json``; the spans
+themselves feed the Chrome trace and the per-rank timeline.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase and keeps every span.
+
+    Examples
+    --------
+    >>> timer = PhaseTimer()
+    >>> with timer.phase("train"):
+    ...     pass
+    >>> sorted(timer.totals)
+    ['train']
+    """
+
+    def __init__(self, t0=None):
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.totals = {}
+        self.spans = []
+        self.current = None  # the phase now running, named in error messages
+
+    def now(self):
+        """Seconds since this timer's origin."""
+        return time.perf_counter() - self.t0
+
+    @contextmanager
+    def phase(self, name):
+        outer, self.current = self.current, name
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, start, self.now())
+            self.current = outer
+
+    def add(self, name, start, end):
+        """Record a span measured elsewhere (for example inside a worker process)."""
+        self.spans.append((name, start, end))
+        self.totals[name] = self.totals.get(name, 0.0) + (end - start)
+
+    def seconds(self, name):
+        return self.totals.get(name, 0.0)

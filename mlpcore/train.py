@@ -1,0 +1,132 @@
+"""The training loop shared by every strategy.
+
+One loop trains the sequential baseline, each ensemble member, every
+data-parallel replica and every local-SGD worker. What differs between them is
+*where the ranks talk*, and that is a :class:`Sync` object's job:
+
+* which rows of the data this process uses for each step (``batches``);
+* what happens while backprop produces each layer's gradient
+  (``on_layer_grad``: start an ``Iallreduce`` for data-parallel training);
+* what happens before the optimizer step (``before_step``: wait for it);
+* what happens after the step (``after_step``: average the model every K steps
+  for local SGD).
+
+:class:`LocalSync` is the no-communication case.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .data import to_float
+from .model import Adam, MLP, cross_entropy_sum
+
+
+class LocalSync:
+    """No communication: shuffle the local data each epoch and step on each batch."""
+
+    def __init__(self, n_samples, batch_size, rng):
+        self.n_samples = n_samples
+        self.batch_size = min(batch_size, n_samples)  # as scikit-learn: min(200, n_samples)
+        self.rng = rng
+
+    def batches(self, epoch):
+        """Yield ``(rows, global_batch_size)`` for each step of an epoch."""
+        order = self.rng.permutation(self.n_samples)
+        for start in range(0, self.n_samples, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            yield rows, len(rows)
+
+    def on_layer_grad(self, layer):
+        pass
+
+    def before_step(self):
+        pass
+
+    def after_step(self):
+        pass
+
+    def end_epoch(self, loss_sum, n_seen):
+        """Return the epoch's mean loss (across ranks, for syncs that communicate)."""
+        return loss_sum / n_seen
+
+    def finish(self):
+        pass
+
+
+class BatchLoader:
+    """Turns rows of the uint8 training set into float batches without allocating."""
+
+    def __init__(self, x, dtype):
+        self.x = x
+        self.dtype = np.dtype(dtype)
+        self._u8 = {}
+        self._float = {}
+
+    def __call__(self, rows):
+        n = len(rows)
+        if n not in self._u8:
+            self._u8[n] = np.empty((n, self.x.shape[1]), dtype=self.x.dtype)
+            self._float[n] = np.empty((n, self.x.shape[1]), dtype=self.dtype)
+        # Gather the uint8 rows (a quarter of the bytes of float32), then scale:
+        # cheaper than gathering pre-scaled floats, and the same values.
+        np.take(self.x, rows, axis=0, out=self._u8[n])
+        return to_float(self._u8[n], self.dtype, out=self._float[n])
+
+
+def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None):
+    """Train ``model`` in place for ``epochs`` passes.
+
+    Parameters
+    ----------
+    model : MLP
+    optimizer : Adam
+    x : ndarray of uint8, shape (n_samples, n_features)
+        Raw pixels; batches are scaled to [0, 1] as they are drawn.
+    y : ndarray of int, shape (n_samples,)
+    epochs : int
+    sync : LocalSync or a strategy's sync object
+        Decides the batches and where ranks communicate.
+    on_epoch : callable(epoch, loss), optional
+        Called after each epoch (progress bars, checkpoints).
+
+    Returns
+    -------
+    losses : list of float
+        Mean training loss of each epoch, L2 penalty included.
+    """
+    load = BatchLoader(x, model.dtype)
+    y = np.ascontiguousarray(y, dtype=np.intp)
+    losses = []
+    for epoch in range(epochs):
+        loss_sum, n_seen = 0.0, 0
+        for rows, global_batch in sync.batches(epoch):
+            xb, yb = load(rows), y[rows]
+            activations = model.forward(xb)
+            loss_sum += cross_entropy_sum(activations[-1], yb)
+            n_seen += len(rows)
+            for layer in model.backward(activations, yb, 1.0 / global_batch):
+                sync.on_layer_grad(layer)
+            sync.before_step()
+            optimizer.step(global_batch)
+            sync.after_step()
+        loss = sync.end_epoch(loss_sum, n_seen) + model.l2_penalty(optimizer.alpha, sync.batch_size)
+        losses.append(loss)
+        if on_epoch is not None:
+            on_epoch(epoch, loss)
+    sync.finish()
+    return losses
+
+
+def train_sequential(x, y, *, hidden, epochs, batch_size, seed, dtype=np.float32, lr=1e-3, alpha=1e-4,
+                     n_classes=10, on_epoch=None):
+    """Train one MLP on ``(x, y)`` in this process; returns ``(model, losses, seconds)``."""
+    rng = np.random.default_rng(seed)
+    model = MLP((x.shape[1], *hidden, n_classes), dtype=dtype, rng=rng)
+    optimizer = Adam(model, lr=lr, alpha=alpha)
+    start = time.perf_counter()
+    losses = fit(model, optimizer, x, y, epochs=epochs, sync=LocalSync(len(x), batch_size, rng),
+                 on_epoch=on_epoch)
+    return model, losses, time.perf_counter() - start
