@@ -43,8 +43,16 @@ def env_rank():
 
 
 def started_by_mpi():
-    """True when a process manager (mpirun, mpiexec, srun with PMI) started this process."""
-    return any(var in os.environ for var in _MPI_ENV_VARS)
+    """True when a process manager (mpirun, mpiexec, srun) started this process.
+
+    A Slurm step of several tasks counts even without PMI variables: under
+    ``srun --mpi=none`` MPI then sees a world of 1, which the MPI launcher
+    detects and refuses, instead of N copies each running their own job.
+    """
+    if any(var in os.environ for var in _MPI_ENV_VARS):
+        return True
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    return "SLURM_STEP_ID" in os.environ and tasks.isdigit() and int(tasks) > 1
 
 
 def visible_cores():
@@ -91,6 +99,7 @@ class WorkerOutput:
     spans: list = field(default_factory=list)   # (phase, start_s, end_s) on the run's clock
     losses: list = field(default_factory=list)  # per-epoch training loss
     n_train: int = 0
+    train_s: float = 0.0           # seconds in training (the speed-up's numerator)
 
 
 class Launcher:
@@ -113,6 +122,7 @@ class Launcher:
     name = "?"
     rank = 0
     comm = None
+    watchdog = None  # a watchdog.Watchdog under --stall-timeout (MPI only)
 
     @property
     def is_root(self):
@@ -128,8 +138,23 @@ class Launcher:
         return None
 
     # -- agreement: every rank learns of an error, so none waits forever ----------
-    def raise_if_any(self, error, phase):
-        """Collective: if ``error`` is set on any rank, raise it on every rank."""
+    def watch(self, name):
+        """Say "this rank enters the blocking collective ``name``" to the stall watchdog.
+
+        Call it on every rank, in the same order, just before a collective that
+        every rank should reach at about the same time (e.g. once per step before
+        a gradient ``Allreduce`` or the ``Wait`` of an ``Iallreduce``), from the
+        main thread. A no-op without ``--stall-timeout``; see :mod:`mlpcore.watchdog`.
+        """
+        if self.watchdog is not None:
+            self.watchdog.arrive(name)
+
+    def raise_if_any(self, error, phase, watched=True):
+        """Collective: if ``error`` is set on any rank, raise it on every rank.
+
+        ``watched=False``: the ranks may legitimately wait here a long time
+        (for the root's own work), so the stall watchdog does not time it.
+        """
         if error is not None:
             raise error
 
@@ -145,7 +170,7 @@ class Launcher:
                 result = fn()
             except MlpcoreError as exc:
                 error = exc
-        self.raise_if_any(error, phase)
+        self.raise_if_any(error, phase, watched=False)  # the others wait for the root's work: not a stall
         return result
 
     def wait_for_root(self):
@@ -211,7 +236,7 @@ class JoblibLauncher(Launcher):
 
 def _run_member(member, rank, x, y, x_test, settings, threads, t0):
     """Body of a joblib or serial worker: pin threads, train, time it on the root's clock."""
-    timer = PhaseTimer(t0=t0)
+    timer = PhaseTimer(t0=t0, rank=rank)
     threads_used = pin_blas_threads(threads)
     out = member(rank, x, y, x_test, settings, timer)
     out.threads = threads_used
@@ -262,7 +287,9 @@ class MPILauncher(Launcher):
     def mpi_library(self):
         return self.MPI.Get_library_version().strip().splitlines()[0]
 
-    def raise_if_any(self, error, phase):
+    def raise_if_any(self, error, phase, watched=True):
+        if watched:
+            self.watch(f"error agreement ({phase})")
         # Small pickled allgather: every rank learns of every rank's error.
         report = None if error is None else (type(error).__name__, str(error))
         reports = self.comm.allgather(report)
@@ -296,41 +323,57 @@ class MPILauncher(Launcher):
         self.comm.Bcast(buf, root=0)
         return buf
 
+    def scatter_shards(self, x, y):
+        """Collective: rank r receives rows ``bounds[r]:bounds[r+1]`` of the root's ``(x, y)``.
+
+        Raw uint8 pixels travel (a quarter of float32's bytes); each rank scales its own.
+        """
+        self.watch("scatter")
+        shape = self.comm.bcast(x.shape if self.is_root else None, root=0)  # tiny: lets ranks allocate
+        n_train, n_features = shape
+        bounds = shard_bounds(n_train, self.size)
+        counts, offsets = np.diff(bounds), bounds[:-1]
+        x_shard = np.empty((counts[self.rank], n_features), dtype=np.uint8)
+        y_shard = np.empty(counts[self.rank], dtype=np.uint8)
+        self.comm.Scatterv([x, counts * n_features, offsets * n_features, self.MPI.UNSIGNED_CHAR]
+                           if self.is_root else None, x_shard, root=0)
+        self.comm.Scatterv([y, counts, offsets, self.MPI.UNSIGNED_CHAR] if self.is_root else None,
+                           y_shard, root=0)
+        return x_shard, y_shard
+
+    def bcast_train(self, x, y):
+        """Collective: every rank receives the root's whole ``(x, y)`` (uint8)."""
+        self.watch("broadcast of the training set")
+        shape = self.comm.bcast(x.shape if self.is_root else None, root=0)
+        return self.bcast_array(x, shape, np.uint8), self.bcast_array(y, shape[:1], np.uint8)
+
     def map_shards(self, member, x, y, x_test, settings, timer):
         """Scatter the training shards, train a member on every rank, gather its test probabilities."""
         comm = self.comm
         with timer.phase("scatter" if self.is_root else "wait"):
-            # Shapes first (tiny), so every rank can allocate its receive buffers;
-            # the other ranks wait here while the root loads the data.
-            shape = comm.bcast((x.shape, x_test.shape) if self.is_root else None, root=0)
-        (n_train, n_features), test_shape = shape
+            # The first collective after loading: the other ranks wait here for the root.
+            self.watch("broadcast of the test set")
+            test_shape = comm.bcast(x_test.shape if self.is_root else None, root=0)
         with timer.phase("scatter"):
-            bounds = shard_bounds(n_train, self.size)
-            counts = np.diff(bounds)
-            lo, hi = bounds[self.rank], bounds[self.rank + 1]
-            x_shard = np.empty((hi - lo, n_features), dtype=np.uint8)
-            y_shard = np.empty(hi - lo, dtype=np.uint8)
-            # Shards of raw uint8 pixels (4x smaller than float32); each rank scales its own.
-            comm.Scatterv([x, counts * n_features, bounds[:-1] * n_features, self.MPI.UNSIGNED_CHAR]
-                          if self.is_root else None, x_shard, root=0)
-            comm.Scatterv([y, counts, bounds[:-1], self.MPI.UNSIGNED_CHAR] if self.is_root else None,
-                          y_shard, root=0)
+            x_shard, y_shard = self.scatter_shards(x, y)
             x_test = self.bcast_array(x_test, test_shape, np.uint8)
 
         out = member(self.rank, x_shard, y_shard, x_test, settings, timer)
         out.threads = blas_threads()
 
         with timer.phase("gather"):
+            self.watch("gather")
             probs = np.empty((self.size, *out.probs.shape), dtype=np.float32) if self.is_root else None
             comm.Gather(np.ascontiguousarray(out.probs, dtype=np.float32), probs, root=0)
-            meta = comm.gather((out.rank, out.threads, out.losses, out.n_train), root=0)
+            meta = comm.gather((out.threads, out.losses, out.n_train, out.train_s), root=0)
         if not self.is_root:
             return None
-        return [WorkerOutput(rank=r, probs=probs[r], threads=t, losses=l, n_train=n)
-                for r, t, l, n in meta]
+        return [WorkerOutput(rank=r, probs=probs[r], threads=t, losses=l, n_train=n, train_s=s)
+                for r, (t, l, n, s) in enumerate(meta)]
 
     def gather_spans(self, timer):
         """Every rank's phase spans, on the root (small, pickled)."""
+        self.watch("gather of the phase spans")
         return self.comm.gather(timer.spans, root=0)
 
     def abort(self, code):

@@ -32,6 +32,7 @@ class TrainSettings:
     trainer: str
     seed: int
     progress: bool = False  # an epoch bar on stderr (rank 0, terminal only)
+    checkpoint: object = None  # a checkpoint.CheckpointPlan (--checkpoint-every / --resume), or None
 
     @classmethod
     def from_args(cls, args, progress=False):
@@ -88,6 +89,7 @@ def train_member(rank, x, y, x_test, settings, timer):
     """
     dtype = np.dtype(settings.dtype)
     seed = settings.seed + rank
+    start = timer.now()
     with timer.phase("train"):
         if settings.trainer == "sklearn":
             model, losses = _train_sklearn(x, y, settings, seed)
@@ -96,12 +98,15 @@ def train_member(rank, x, y, x_test, settings, timer):
             model, losses, _ = train_sequential(
                 x, y, hidden=settings.hidden, epochs=settings.epochs, batch_size=settings.batch_size,
                 seed=seed, dtype=dtype, lr=settings.lr, alpha=settings.alpha,
-                on_epoch=None if bar is None else (lambda epoch, loss: bar.update(1)))
+                on_epoch=None if bar is None else (lambda epoch, loss: bar.update(1)),
+                checkpoint=None if settings.checkpoint is None else settings.checkpoint.for_rank(rank))
             if bar is not None:
                 bar.close()
+    train_s = timer.now() - start
     with timer.phase("predict"):
         probs = model.predict_proba(to_float(x_test, dtype)).astype(np.float32, copy=False)
-    return WorkerOutput(rank=rank, probs=probs, threads=0, losses=[float(v) for v in losses], n_train=len(x))
+    return WorkerOutput(rank=rank, probs=probs, threads=0, losses=[float(v) for v in losses], n_train=len(x),
+                        train_s=train_s)
 
 
 def _train_sklearn(x, y, settings, seed):

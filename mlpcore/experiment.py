@@ -7,14 +7,16 @@ baseline and writes the report; the other ranks train and then wait.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
-from . import report
+from . import checkpoint, faults, report
 from .comm import blas_threads, make_launcher, pin_blas_threads
 from .config import config_dict
 from .data import download_mnist, load_mnist, shard_bounds
@@ -40,15 +42,22 @@ STATE = _State()
 
 def run(args):
     """Run the experiment the options describe; returns the results dict on the root, else None."""
+    faults.check_env()  # the test-only fault switch: a malformed value is a usage error on every rank
     launcher = STATE.launcher = make_launcher(args)
-    timer = STATE.timer = PhaseTimer(launcher.start_clock())
+    timer = STATE.timer = PhaseTimer(launcher.start_clock(), rank=launcher.rank)
     launcher.raise_if_any(_options_differ(launcher, args), "options")
+    with _stall_watchdog(launcher, args):  # after the options agree: every rank has the same --stall-timeout
+        return _run(launcher, timer, args)
+
+
+def _run(launcher, timer, args):
     run_dir = launcher.on_root(lambda: report.prepare_run_dir(args, launcher.size), "output")
     try:
+        plan = _checkpoint_plan(launcher, args, run_dir)
         with timer.phase("load" if launcher.is_root else "wait"):
             data = launcher.on_root(lambda: _load(args, launcher.size), "load")
         strategies = ("ensemble", "allreduce", "localsgd") if args.compare else (args.strategy,)
-        outcomes = {name: _run_strategy(name, launcher, data, args, timer) for name in strategies}
+        outcomes = {name: _run_strategy(name, launcher, data, args, timer, plan) for name in strategies}
         parallel_total_s = timer.now()
 
         baselines = _baselines(launcher, data, args, timer)
@@ -56,12 +65,55 @@ def run(args):
         if not launcher.is_root:
             return None
         results = _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_total_s)
-        report.write_run(run_dir, results, data, outcomes, baselines, args)
+        if plan is not None and args.resume:
+            results["resumed_from_epoch"] = list(plan.start_epochs)
+        with timer.phase("report"):
+            report.write_run(run_dir, results, data, outcomes, baselines, args)
         return results
     except BaseException:
         if launcher.is_root:
             report.discard_run_dir(run_dir)
         raise
+
+
+@contextmanager
+def _stall_watchdog(launcher, args):
+    """Run the stall watchdog (``--stall-timeout``, MPI with 2+ ranks) around the block; else nothing."""
+    if args.stall_timeout is None or launcher.comm is None or launcher.size < 2:
+        yield
+        return
+    from .watchdog import Watchdog
+
+    launcher.watchdog = Watchdog(launcher.comm, args.stall_timeout)
+    try:
+        yield
+    except BaseException as exc:
+        # Every rank raised it (a usage error): finish cleanly. Otherwise MPI_Abort follows anyway.
+        launcher.watchdog.close(clean=getattr(exc, "collective", False))
+        launcher.watchdog = None
+        raise
+    launcher.watchdog.close()
+    launcher.watchdog = None
+
+
+def _checkpoint_plan(launcher, args, run_dir):
+    """What every worker does about checkpoints: a ``checkpoint.CheckpointPlan``, or None.
+
+    On the root: check ``--resume``'s checkpoints against these options and
+    choose each rank's starting epoch, or clear an earlier run's checkpoints
+    from a reused (``--overwrite``) folder; then every rank gets the plan.
+    """
+    if not (args.checkpoint_every or args.resume):
+        if launcher.is_root:
+            checkpoint.clear(run_dir)  # an earlier run's, from a folder reused with --overwrite
+        return None
+    plan = launcher.on_root(lambda: checkpoint.plan(run_dir, args, launcher.size), "resume")
+    if launcher.comm is not None:
+        plan = launcher.comm.bcast(plan, root=0)
+    if args.resume and launcher.is_root:
+        print(f"resuming {run_dir}: " + ", ".join(f"rank {r} from epoch {e}" for r, e in
+                                                    enumerate(plan.start_epochs)), file=sys.stderr, flush=True)
+    return plan
 
 
 def _options_differ(launcher, args):
@@ -90,17 +142,19 @@ def _load(args, workers):
     return data
 
 
-def _run_strategy(name, launcher, data, args, timer):
+def _run_strategy(name, launcher, data, args, timer, plan=None):
     """Train with one strategy; the root gets a dict of predictions and per-rank facts."""
     if name == "ensemble":
-        return _run_ensemble(launcher, data, args, timer)
+        return _run_ensemble(launcher, data, args, timer, plan)
     from .strategies import run_data_parallel
 
     return run_data_parallel(name, launcher, data, args, timer)
 
 
-def _run_ensemble(launcher, data, args, timer):
+def _run_ensemble(launcher, data, args, timer, plan=None):
     settings = TrainSettings.from_args(args, progress=not args.quiet)
+    if plan is not None:
+        settings = dataclasses.replace(settings, checkpoint=plan)
     x, y, x_test = (data.x_train, data.y_train, data.x_test) if launcher.is_root else (None, None, None)
     outputs = launcher.map_shards(train_member, x, y, x_test, settings, timer)
     if not launcher.is_root:
@@ -111,12 +165,14 @@ def _run_ensemble(launcher, data, args, timer):
     return {
         "strategy": "ensemble",
         "y_pred": predictions[args.vote],
+        "member_probs": probs,  # (members, n_test, classes): saved in predictions.npz
         "metrics": {
             "vote_soft_accuracy": accuracy(data.y_test, predictions["soft"]),
             "vote_hard_accuracy": accuracy(data.y_test, predictions["hard"]),
             "member_accuracy": [accuracy(data.y_test, p.argmax(axis=1)) for p in probs],
         },
         "accuracy": accuracy(data.y_test, predictions[args.vote]),
+        "parallel_train_s": max(out.train_s for out in outputs),
         "threads_per_worker": [out.threads for out in outputs],
         "worker_spans": [out.spans for out in outputs],
         "final_train_loss": [out.losses[-1] if out.losses else None for out in outputs],
@@ -175,7 +231,9 @@ def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_t
         per_rank.append({"rank": rank, **{f"{k}_s": round(totals.get(k, 0.0), 6) for k in
                                           ("load", "wait", "scatter", "train", "predict", "gather", "comm_exposed")},
                          "threads": headline["threads_per_worker"][rank]})
-    parallel_train_s = max(r["train_s"] for r in per_rank)
+        if "comm_exposed_per_rank" in headline:  # measured over every step, not only the traced ones
+            per_rank[-1]["comm_exposed_s"] = headline["comm_exposed_per_rank"][rank]
+    parallel_train_s = headline["parallel_train_s"]
     load_s = per_rank[0]["load_s"]
 
     timings = {"parallel_train_s": parallel_train_s, "parallel_total_s": parallel_total_s,
@@ -208,10 +266,8 @@ def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_t
 
     compare = {}
     for name, outcome in outcomes.items():
-        compare[name] = {k: outcome.get(k) for k in ("accuracy", "comm", "final_train_loss")}
-        compare[name]["parallel_train_s"] = max(
-            _phase_totals(s).get("train", 0.0) for s in outcome["worker_spans"]) \
-            if outcome.get("worker_spans") else None
+        compare[name] = {k: outcome.get(k) for k in ("accuracy", "comm", "final_train_loss", "overlap")}
+        compare[name]["parallel_train_s"] = outcome["parallel_train_s"]
     return {
         "config": config_dict(args),
         "environment": _environment(launcher, headline),

@@ -237,6 +237,9 @@ class Adam:
         self.M = np.zeros_like(model.params)
         self.V = np.zeros_like(model.params)
         self._tmp = np.empty_like(model.params)
+        from scipy.linalg import blas
+
+        self._axpy = blas.saxpy if model.dtype == np.float32 else blas.daxpy
 
     def state(self):
         """Arrays and counters that, with the parameters, determine every later step."""
@@ -248,28 +251,32 @@ class Adam:
         self.V[...] = state["V"]
 
     def step(self, batch_size):
-        """Apply one update from ``model.grads`` (the batch-mean data gradient)."""
+        """Apply one update from ``model.grads`` (the batch-mean data gradient).
+
+        Ten passes over the parameters; ``axpy`` (``y += a * x`` in one pass,
+        from the BLAS that scipy ships) replaces numpy's multiply-then-add pairs.
+        """
         f = self.model.dtype.type
         g, p, M, V, tmp = self.model.grads, self.model.params, self.M, self.V, self._tmp
         if self.alpha:
-            l2 = f(self.alpha / batch_size)
+            l2 = self.alpha / batch_size
             for W, gW in zip(self.model.coefs, self.model.coef_grads):
-                gW += np.multiply(W, l2, out=tmp[: W.size].reshape(W.shape))
+                self._axpy(W.ravel(), gW.ravel(), a=l2)
         self.t += 1
         M *= f(self.beta_1)
         M += g
         np.multiply(g, g, out=tmp)
         V *= f(self.beta_2)
         V += tmp
-        # p -= lr_t * m / (sqrt(v) + eps), with lr_t scikit-learn's bias-corrected rate,
-        # m = (1 - b1) M and v = (1 - b2) V folded into two scalars.
+        # p -= lr_t * m / (sqrt(v) + eps), with lr_t scikit-learn's bias-corrected rate;
+        # with m = (1 - b1) M and v = (1 - b2) V this is
+        # p -= c * M / (sqrt(V) + eps / sqrt(1 - b2)),  c = lr_t (1 - b1) / sqrt(1 - b2).
         lr_t = self.lr * np.sqrt(1 - self.beta_2 ** self.t) / (1 - self.beta_1 ** self.t)
         root_1mb2 = np.sqrt(1 - self.beta_2)
         np.sqrt(V, out=tmp)
-        tmp *= f(root_1mb2 / (lr_t * (1 - self.beta_1)))
-        tmp += f(self.epsilon / (lr_t * (1 - self.beta_1)))
+        tmp += f(self.epsilon / root_1mb2)
         np.divide(M, tmp, out=tmp)
-        p -= tmp
+        self._axpy(tmp, p, a=-lr_t * (1 - self.beta_1) / root_1mb2)
 
 
 def _softmax_inplace(Z):

@@ -34,6 +34,11 @@ def run_figures(run_dir, results, data, headline, baselines, args):
                                        f"sequential baseline ({b['threads']} thread): accuracy {b['accuracy']:.4f}"))
     if args.strategy == "ensemble":
         files.append(task_graph(plt, run_dir / "task_graph.png", results, headline))
+    if results.get("compare"):
+        files.append(compare_plot(plt, run_dir / "compare.png", results))
+    from .trace import gantt  # drawn from the same events as trace.json
+
+    files.append(gantt(plt, run_dir / "timeline.png", results))
     if not args.show:
         plt.close("all")
     return files
@@ -97,6 +102,27 @@ def task_graph(plt, path, results, headline):
     ax.set_title(f"Task graph of this run: {n} ranks, bytes moved on each edge "
                  "(uint8 shards and test set out, float32 probabilities back)", fontsize=9)
     ax.axis("off")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    return path.name
+
+
+def compare_plot(plt, path, results):
+    """Training time against test accuracy: one point per strategy, and the sequential run."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    n = results["environment"]["world_size"]
+    for name, row in results["compare"].items():
+        ax.scatter(row["parallel_train_s"], row["accuracy"], s=60, label=f"{name} ({n} ranks)")
+        ax.annotate(name, (row["parallel_train_s"], row["accuracy"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    for b in results["timings"]["baselines"]:
+        ax.scatter(b["train_s"], b["accuracy"], marker="s", s=60, color="black",
+                   label=f"sequential ({b['threads']} thread{'s' if b['threads'] > 1 else ''})")
+    ax.set_xlabel("training time (s), slowest rank")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("What each strategy buys (time) and costs (accuracy)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     return path.name

@@ -1,0 +1,341 @@
+"""Data-parallel strategies: one model trained by all ranks.
+
+* **allreduce** - every rank holds a replica; each global mini-batch is split
+  across the ranks; the gradients are summed with ``Allreduce`` so every rank
+  takes the same Adam step. With ``--overlap`` the sum of each bucket of
+  layers starts as soon as backprop has produced it (wait-free backprop, as in
+  Poseidon, Horovod and PyTorch DDP), while the layers below are computed.
+* **localsgd** - every rank trains on its own shard with its own Adam and the
+  parameters are averaged every K steps (K = 0: once, at the end).
+
+Every rank issues the same collectives in the same order: the bucket plan
+depends only on the model's shape and ``--bucket-kb``, which every rank
+shares (the options are checked to agree at start-up).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .comm import blas_threads
+from .data import shard_bounds, to_float
+from .errors import UsageError
+from .model import Adam, MLP
+from .train import LocalSync, fit
+
+#: Per-step compute/communication spans are kept for this many steps only, so
+#: that trace.json stays small while still showing the overlap.
+TRACE_STEPS = 30
+
+
+@dataclass
+class CommStats:
+    """What the communication cost during training, on one rank."""
+
+    calls: int = 0
+    bytes: int = 0
+    total_s: float = 0.0    # wall time the communication was in flight
+    exposed_s: float = 0.0  # time training waited for it
+    spans: list = field(default_factory=list)  # ("comm"/"wait", start, end) for the first steps
+
+    def as_dict(self):
+        fraction = 1.0 - self.exposed_s / self.total_s if self.total_s > 0 else 0.0
+        return {"calls": self.calls, "bytes": self.bytes, "total_s": self.total_s,
+                "exposed_s": self.exposed_s, "fraction": max(0.0, fraction)}
+
+
+def bucket_plan(model, bucket_bytes):
+    """Split ``model.grads`` into contiguous buckets, in the order backprop finishes them.
+
+    Returns a list of ``(stop_layer, start, stop)``: the bucket
+    ``grads[start:stop]`` is final once backprop has yielded ``stop_layer``.
+    Consecutive layers are fused until a bucket reaches ``bucket_bytes``
+    (0: one bucket per layer), so small layers don't cost a call each.
+    """
+    buckets, start, size = [], 0, 0
+    itemsize = model.grads.itemsize
+    for layer in range(model.n_layers - 1, -1, -1):  # backprop order
+        sl = model.layer_slices[layer]
+        size += (sl.stop - sl.start) * itemsize
+        if size >= bucket_bytes or layer == 0:
+            buckets.append((layer, start, sl.stop))
+            start, size = sl.stop, 0
+    return buckets
+
+
+class AllreduceSync(LocalSync):
+    """Split each global batch across ranks and sum the gradients with (I)Allreduce.
+
+    Every rank draws the same permutation (same seed), so the global sample
+    order is that of a sequential run with the same batch size; rank ``r``
+    takes the ``r``-th part of each global batch.
+    """
+
+    def __init__(self, comm, model, n_samples, batch_size, rng, overlap="none", bucket_kb=256):
+        super().__init__(n_samples, batch_size, rng)
+        if self.batch_size < comm.Get_size():
+            raise UsageError(f"--batch-size {batch_size} is smaller than the {comm.Get_size()} ranks: "
+                             "every rank needs at least one sample of each global batch")
+        from mpi4py import MPI
+
+        self.MPI, self.comm, self.model, self.overlap = MPI, comm, model, overlap
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.buckets = bucket_plan(model, bucket_kb * 1024)
+        self.stats = CommStats()
+        self.step = 0
+        self._pending = []      # (bucket index, request) for nonblocking
+        self._posted_at = None  # when the first bucket of this step went out
+        if overlap == "thread":
+            self._start_comm_thread()
+
+    # -- which rows this rank computes ------------------------------------------
+    def batches(self, epoch):
+        for rows, global_batch in super().batches(epoch):
+            part = shard_bounds(len(rows), self.size) if len(rows) >= self.size else \
+                np.minimum(np.arange(self.size + 1), len(rows))
+            yield rows[part[self.rank]:part[self.rank + 1]], global_batch
+
+    # -- communication during backprop -----------------------------------------
+    def on_layer_grad(self, layer):
+        if self.overlap == "none":
+            return
+        for index, (stop_layer, start, stop) in enumerate(self.buckets):
+            if stop_layer != layer:
+                continue
+            if self._posted_at is None:
+                self._posted_at = time.perf_counter()
+            if self.overlap == "nonblocking":
+                request = self.comm.Iallreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+                self._pending.append(request)
+            else:
+                self._queue.put(index)
+            self._count(stop - start)
+        if self.overlap == "nonblocking" and self._pending:
+            # MPICH and Open MPI progress a nonblocking collective only inside
+            # MPI calls: a Test between layers moves it on while we compute.
+            self.MPI.Request.Testall(self._pending)
+
+    def before_step(self):
+        begin = time.perf_counter()
+        if self.overlap == "none":
+            for _, start, stop in self.buckets:
+                self.comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+                self._count(stop - start)
+            end = time.perf_counter()
+            self._record(begin, begin, end)
+        elif self.overlap == "nonblocking":
+            self.MPI.Request.Waitall(self._pending)
+            self._pending = []
+            self._record(self._posted_at, begin, time.perf_counter())
+        else:
+            self._done.acquire()  # the communication thread finished this step's buckets
+            self._record(self._posted_at, begin, time.perf_counter())
+        self._posted_at = None
+        self.step += 1
+
+    def _count(self, n_values):
+        self.stats.calls += 1
+        self.stats.bytes += n_values * self.model.grads.itemsize
+
+    def _record(self, posted, wait_start, end):
+        self.stats.total_s += end - posted
+        self.stats.exposed_s += end - wait_start
+        if self.step < TRACE_STEPS:
+            self.stats.spans.append(("comm", posted, end))
+            self.stats.spans.append(("comm_wait", wait_start, end))
+
+    # -- the communication thread (--overlap thread) -----------------------------
+    def _start_comm_thread(self):
+        # Its own communicator: its Allreduces never match the main thread's collectives.
+        self._comm_thread_comm = self.comm.Dup()
+        self._queue = queue.Queue()
+        self._done = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._comm_loop, name="mlpcore-allreduce", daemon=True)
+        self._thread.start()
+
+    def _comm_loop(self):
+        n_buckets = len(self.buckets)
+        finished = 0
+        while True:
+            index = self._queue.get()
+            if index is None:
+                return
+            _, start, stop = self.buckets[index]
+            # mpi4py releases the GIL here, so backprop goes on in the main thread.
+            self._comm_thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+            finished += 1
+            if finished == n_buckets:
+                finished = 0
+                self._done.release()
+
+    def end_epoch(self, loss_sum, n_seen):
+        total = self.comm.allreduce(np.array([loss_sum, n_seen]))  # tiny, once per epoch
+        return float(total[0] / total[1])
+
+    def finish(self):
+        if self.overlap == "thread":
+            self._queue.put(None)
+            self._thread.join()
+            self._comm_thread_comm.Free()
+
+
+class LocalSGDSync(LocalSync):
+    """Train on the local shard; average the parameters every ``sync_every`` steps.
+
+    ``sync_every = 0`` trains fully independent models and averages them once
+    at the end ("one-shot" parameter averaging). Each rank keeps its own Adam
+    moments; only the parameters are averaged.
+    """
+
+    def __init__(self, comm, model, n_samples, batch_size, rng, steps_per_epoch, sync_every):
+        super().__init__(n_samples, batch_size, rng)
+        from mpi4py import MPI
+
+        self.MPI, self.comm, self.model = MPI, comm, model
+        self.size = comm.Get_size()
+        self.steps_per_epoch, self.sync_every = steps_per_epoch, sync_every
+        self.stats = CommStats()
+        self.step = 0
+        self._synced_at = 0
+
+    def batches(self, epoch):
+        # Shards differ by at most one sample, but every rank must take the same
+        # number of steps so the averaging collectives match: split the local
+        # permutation into the common number of steps.
+        order = self.rng.permutation(self.n_samples)
+        for rows in np.array_split(order, self.steps_per_epoch):
+            yield rows, len(rows)
+
+    def after_step(self):
+        self.step += 1
+        if self.sync_every and self.step % self.sync_every == 0:
+            self.average()
+
+    def average(self):
+        """Replace every rank's parameters by their mean."""
+        begin = time.perf_counter()
+        self.comm.Allreduce(self.MPI.IN_PLACE, self.model.params)
+        self.model.params *= self.model.dtype.type(1.0 / self.size)
+        end = time.perf_counter()
+        self.stats.calls += 1
+        self.stats.bytes += self.model.params.nbytes
+        self.stats.total_s += end - begin
+        self.stats.exposed_s += end - begin
+        if len(self.stats.spans) < 2 * TRACE_STEPS:
+            self.stats.spans.append(("comm", begin, end))
+        self._synced_at = self.step
+
+    def end_epoch(self, loss_sum, n_seen):
+        total = self.comm.allreduce(np.array([loss_sum, n_seen]))
+        return float(total[0] / total[1])
+
+    def finish(self):
+        if self._synced_at != self.step:  # end with one model on every rank
+            self.average()
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    hidden: tuple
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha: float
+    dtype: str
+    seed: int
+    overlap: str = "none"
+    bucket_kb: int = 256
+    sync_every: int = 10
+
+
+def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_params=None):
+    """Train one model with all ranks of ``comm``; returns ``(model, losses, stats)``.
+
+    Parameters
+    ----------
+    strategy : {"allreduce", "localsgd"}
+    comm : mpi4py communicator
+    x, y : ndarray
+        allreduce: the whole training set on every rank (uint8 pixels);
+        localsgd: this rank's shard.
+    settings : ParallelSettings
+    on_epoch : callable(epoch, loss), optional
+    initial_params : ndarray, optional
+        Start from these parameters instead of rank 0's initialisation (tests
+        use it to replay one rank's local-SGD run in a single process).
+    """
+    rank = comm.Get_rank()
+    # allreduce: the same seed everywhere, so every rank draws the same sample
+    # order. localsgd: seed + rank, so the ranks' shards are shuffled differently.
+    rng = np.random.default_rng(settings.seed if strategy == "allreduce" else settings.seed + rank)
+    model = MLP((x.shape[1], *settings.hidden, 10), dtype=np.dtype(settings.dtype), rng=rng)
+    if initial_params is not None:
+        model.params[...] = initial_params
+    comm.Bcast(model.params, root=0)  # identical replicas, whatever each rank's RNG did
+    optimizer = Adam(model, lr=settings.lr, alpha=settings.alpha)
+    if strategy == "allreduce":
+        sync = AllreduceSync(comm, model, len(x), settings.batch_size, rng, settings.overlap, settings.bucket_kb)
+    else:
+        # --batch-size is the global batch here too: each rank steps on its
+        # share of it, so an epoch has as many steps as with allreduce.
+        n_total, size = comm.allreduce(len(x)), comm.Get_size()
+        largest = int(np.diff(shard_bounds(n_total, size)).max())
+        local_batch = min(max(1, settings.batch_size // size), largest)
+        steps = -(-largest // local_batch)
+        sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, settings.sync_every)
+    losses = fit(model, optimizer, x, y, epochs=settings.epochs, sync=sync, on_epoch=on_epoch)
+    return model, losses, sync.stats
+
+
+def run_data_parallel(name, launcher, data, args, timer):
+    """The experiment's part for allreduce/localsgd: distribute, train, predict on the root."""
+    if launcher.comm is None:
+        raise UsageError(f"--strategy {name} needs MPI (mpirun)")
+    settings = ParallelSettings(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size,
+                                lr=args.lr, alpha=args.alpha, dtype=args.dtype, seed=args.seed,
+                                overlap=args.overlap, bucket_kb=args.bucket_kb, sync_every=args.sync_every)
+    root = launcher.is_root
+    with timer.phase("scatter"):
+        if name == "allreduce":
+            x, y = launcher.bcast_train(data.x_train if root else None, data.y_train if root else None)
+            comm_bytes = {"bcast_bytes": int(x.nbytes + y.nbytes) * (launcher.size - 1)}
+        else:
+            x, y = launcher.scatter_shards(data.x_train if root else None, data.y_train if root else None)
+            comm_bytes = {"scatter_bytes": launcher.comm.allreduce(int(x.nbytes + y.nbytes))}
+    with timer.phase("train"):
+        train_start = time.perf_counter()
+        model, losses, stats = train_data_parallel(name, launcher.comm, x, y, settings)
+        train_s = time.perf_counter() - train_start
+    for span_name, start, end in stats.spans:  # a few steps' communication, for the timeline
+        timer.spans.append((span_name, start - timer.t0, end - timer.t0))
+    timer.totals["comm_exposed"] = timer.totals.get("comm_exposed", 0.0) + stats.exposed_s
+
+    with timer.phase("gather"):
+        per_rank = launcher.comm.gather((train_s, stats.as_dict(), blas_threads()), root=0)
+    if not root:
+        return None
+    with timer.phase("predict"):
+        y_pred = model.predict(to_float(data.x_test, model.dtype))
+    accuracy = float(np.mean(y_pred == data.y_test))
+    comm_stats = [s for _, s, _ in per_rank]
+    overlap = {k: max(s[k] for s in comm_stats) for k in ("total_s", "exposed_s")}
+    overlap.update(calls=comm_stats[0]["calls"], bytes=comm_stats[0]["bytes"],
+                   fraction=min(s["fraction"] for s in comm_stats),
+                   mode=args.overlap if name == "allreduce" else f"sync every {args.sync_every}")
+    return {
+        "strategy": name,
+        "y_pred": y_pred,
+        "metrics": {"accuracy": accuracy},
+        "accuracy": accuracy,
+        "parallel_train_s": max(t for t, _, _ in per_rank),
+        "threads_per_worker": [threads for _, _, threads in per_rank],
+        "final_train_loss": losses[-1] if losses else None,
+        "overlap": overlap,
+        "comm_exposed_per_rank": [s["exposed_s"] for s in comm_stats],
+        "comm": {**comm_bytes, "train_bytes": overlap["bytes"] * launcher.size, "train_calls": overlap["calls"]},
+    }
