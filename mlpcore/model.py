@@ -24,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+# At import, not lazily: scipy ships its own OpenBLAS, and a pool loaded after a
+# launcher's threadpoolctl limit would run unpinned (2 threads per rank).
+from scipy.linalg import blas as _scipy_blas
 
 from .errors import UsageError
 
@@ -141,13 +144,13 @@ class MLP:
             activations.append(Z)
         return activations
 
-    def backward(self, activations, y, scale):
+    def backward(self, activations, y, scale, chunk=None):
         """Backprop the cross-entropy data term into ``self.grads``.
 
         The gradient written is ``scale * sum over samples`` of the per-sample
         gradient, so ``scale = 1 / global_batch`` gives the batch mean even when
         this process holds only a slice of the batch. The L2 term is added by
-        the optimizer (:meth:`Adam.step`), after any allreduce.
+        the optimizer (:meth:`Adam.update`), after any allreduce.
 
         Parameters
         ----------
@@ -157,12 +160,16 @@ class MLP:
             Class labels.
         scale : float
             Factor applied to the summed gradient.
+        chunk : int, optional
+            Compute each weight gradient in blocks of rows of about this many
+            values, so that a caller can send the first rows of a large layer
+            while the rest are computed. None: one block per layer.
 
         Yields
         ------
-        layer : int
-            After layer ``layer``'s gradients are final (last layer first),
-            so a caller can start communicating them while backprop goes on.
+        ready : int
+            How many leading values of ``self.grads`` are final (they are
+            stored last layer first, in the order backprop produces them).
         """
         n = y.shape[0]
         buffers = self._buffers(n)
@@ -171,8 +178,16 @@ class MLP:
         delta.ravel()[buffers.row_offsets + y] -= 1
         delta *= self.dtype.type(scale)
         for i in range(self.n_layers - 1, -1, -1):
-            np.dot(activations[i].T, delta, out=self.coef_grads[i])
+            W_grad, start = self.coef_grads[i], self.layer_slices[i].start
+            fan_in, fan_out = W_grad.shape
+            rows = fan_in if chunk is None else max(1, chunk // fan_out)
+            for r in range(0, fan_in, rows):
+                # Rows r:r+rows of dW_i = A_i.T @ delta, a contiguous run of grads.
+                np.dot(activations[i][:, r:r + rows].T, delta, out=W_grad[r:r + rows])
+                if r + rows < fan_in:
+                    yield start + (r + rows) * fan_out
             np.dot(buffers.ones, delta, out=self.intercept_grads[i])  # column sums, via BLAS
+            yield self.layer_slices[i].stop
             if i > 0:
                 # Propagate to the layer below through W_i and the ReLU mask.
                 # Hidden activations are >= 0, so sign() is the 0/1 mask; a float
@@ -182,7 +197,6 @@ class MLP:
                 np.sign(activations[i], out=buffers.mask[i - 1])
                 below *= buffers.mask[i - 1]
                 delta = below
-            yield i
 
     def gradient(self, X, y, scale=None):
         """Compute the data-term gradient of a batch into ``self.grads`` at once.
@@ -237,9 +251,8 @@ class Adam:
         self.M = np.zeros_like(model.params)
         self.V = np.zeros_like(model.params)
         self._tmp = np.empty_like(model.params)
-        from scipy.linalg import blas
-
-        self._axpy = blas.saxpy if model.dtype == np.float32 else blas.daxpy
+        self._axpy = _scipy_blas.saxpy if model.dtype == np.float32 else _scipy_blas.daxpy
+        self._coef_ranges = [(sl.start, sl.start + W.size) for sl, W in zip(model.layer_slices, model.coefs)]
 
     def state(self):
         """Arrays and counters that, with the parameters, determine every later step."""
@@ -251,32 +264,49 @@ class Adam:
         self.V[...] = state["V"]
 
     def step(self, batch_size):
-        """Apply one update from ``model.grads`` (the batch-mean data gradient).
+        """Apply one update from ``model.grads`` (the batch-mean data gradient)."""
+        self.begin_step(batch_size)
+        self.update(0, self.model.params.size)
 
-        Ten passes over the parameters; ``axpy`` (``y += a * x`` in one pass,
-        from the BLAS that scipy ships) replaces numpy's multiply-then-add pairs.
+    def begin_step(self, batch_size):
+        """Start step ``t + 1``; then :meth:`update` each part of the parameters once.
+
+        Data-parallel training updates each bucket as soon as its allreduce has
+        completed, while later buckets are still in flight.
         """
-        f = self.model.dtype.type
-        g, p, M, V, tmp = self.model.grads, self.model.params, self.M, self.V, self._tmp
-        if self.alpha:
-            l2 = self.alpha / batch_size
-            for W, gW in zip(self.model.coefs, self.model.coef_grads):
-                self._axpy(W.ravel(), gW.ravel(), a=l2)
         self.t += 1
-        M *= f(self.beta_1)
-        M += g
-        np.multiply(g, g, out=tmp)
-        V *= f(self.beta_2)
-        V += tmp
+        self._l2 = self.alpha / batch_size
         # p -= lr_t * m / (sqrt(v) + eps), with lr_t scikit-learn's bias-corrected rate;
         # with m = (1 - b1) M and v = (1 - b2) V this is
         # p -= c * M / (sqrt(V) + eps / sqrt(1 - b2)),  c = lr_t (1 - b1) / sqrt(1 - b2).
         lr_t = self.lr * np.sqrt(1 - self.beta_2 ** self.t) / (1 - self.beta_1 ** self.t)
         root_1mb2 = np.sqrt(1 - self.beta_2)
+        self._c = -lr_t * (1 - self.beta_1) / root_1mb2
+        self._eps = self.model.dtype.type(self.epsilon / root_1mb2)
+
+    def update(self, start, stop):
+        """Update ``params[start:stop]`` from ``grads[start:stop]``: ten passes over memory.
+
+        ``axpy`` (``y += a * x`` in one pass, from the BLAS that scipy ships)
+        replaces numpy's multiply-then-add pairs.
+        """
+        f = self.model.dtype.type
+        g, p = self.model.grads[start:stop], self.model.params[start:stop]
+        M, V, tmp = self.M[start:stop], self.V[start:stop], self._tmp[start:stop]
+        if self._l2:
+            for w_start, w_stop in self._coef_ranges:  # L2 on the weights, not the biases
+                lo, hi = max(start, w_start), min(stop, w_stop)
+                if lo < hi:
+                    self._axpy(self.model.params[lo:hi], self.model.grads[lo:hi], a=self._l2)
+        M *= f(self.beta_1)
+        M += g
+        np.multiply(g, g, out=tmp)
+        V *= f(self.beta_2)
+        V += tmp
         np.sqrt(V, out=tmp)
-        tmp += f(self.epsilon / root_1mb2)
+        tmp += self._eps
         np.divide(M, tmp, out=tmp)
-        self._axpy(tmp, p, a=-lr_t * (1 - self.beta_1) / root_1mb2)
+        self._axpy(tmp, p, a=self._c)
 
 
 def _softmax_inplace(Z):

@@ -49,31 +49,21 @@ class CommStats:
                 "exposed_s": self.exposed_s, "fraction": max(0.0, fraction)}
 
 
-def bucket_plan(model, bucket_bytes):
-    """Split ``model.grads`` into contiguous buckets, in the order backprop finishes them.
-
-    Returns a list of ``(stop_layer, start, stop)``: the bucket
-    ``grads[start:stop]`` is final once backprop has yielded ``stop_layer``.
-    Consecutive layers are fused until a bucket reaches ``bucket_bytes``
-    (0: one bucket per layer), so small layers don't cost a call each.
-    """
-    buckets, start, size = [], 0, 0
-    itemsize = model.grads.itemsize
-    for layer in range(model.n_layers - 1, -1, -1):  # backprop order
-        sl = model.layer_slices[layer]
-        size += (sl.stop - sl.start) * itemsize
-        if size >= bucket_bytes or layer == 0:
-            buckets.append((layer, start, sl.stop))
-            start, size = sl.stop, 0
-    return buckets
-
-
 class AllreduceSync(LocalSync):
     """Split each global batch across ranks and sum the gradients with (I)Allreduce.
 
     Every rank draws the same permutation (same seed), so the global sample
     order is that of a sequential run with the same batch size; rank ``r``
     takes the ``r``-th part of each global batch.
+
+    Buckets: backprop hands over the gradient in blocks of rows (about
+    ``bucket_kb`` each; small layers are fused until a bucket is that big).
+    Each bucket is summed as soon as it is complete - while backprop computes
+    the next - and Adam updates its part of the parameters as soon as its sum
+    has arrived, while later buckets are still in flight. The buckets depend
+    only on the model's shape and ``bucket_kb``, so every rank issues the same
+    collectives in the same order, and every overlap mode sends the same
+    messages (hence the same sums, bit for bit).
     """
 
     def __init__(self, comm, model, n_samples, batch_size, rng, overlap="none", bucket_kb=256):
@@ -85,11 +75,13 @@ class AllreduceSync(LocalSync):
 
         self.MPI, self.comm, self.model, self.overlap = MPI, comm, model, overlap
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.buckets = bucket_plan(model, bucket_kb * 1024)
+        self.bucket_values = bucket_kb * 1024 // model.grads.itemsize  # 0: one bucket per layer
+        self.grad_chunk = self.bucket_values or None
         self.stats = CommStats()
-        self.step = 0
-        self._pending = []      # (bucket index, request) for nonblocking
-        self._posted_at = None  # when the first bucket of this step went out
+        self.steps = 0
+        self._buckets = []      # (start, stop, request or None) posted this step, in order
+        self._posted = 0        # grads[:_posted] are in buckets already
+        self._posted_at = None  # when this step's first bucket went out
         if overlap == "thread":
             self._start_comm_thread()
 
@@ -101,77 +93,65 @@ class AllreduceSync(LocalSync):
             yield rows[part[self.rank]:part[self.rank + 1]], global_batch
 
     # -- communication during backprop -----------------------------------------
-    def on_layer_grad(self, layer):
-        if self.overlap == "none":
-            return
-        for index, (stop_layer, start, stop) in enumerate(self.buckets):
-            if stop_layer != layer:
-                continue
-            if self._posted_at is None:
-                self._posted_at = time.perf_counter()
-            if self.overlap == "nonblocking":
-                request = self.comm.Iallreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-                self._pending.append(request)
-            else:
-                self._queue.put(index)
-            self._count(stop - start)
-        if self.overlap == "nonblocking" and self._pending:
+    def on_grads_ready(self, ready):
+        if ready - self._posted >= self.bucket_values or ready == self.model.grads.size:
+            self._post(self._posted, ready)
+            self._posted = ready
+        elif self.overlap == "nonblocking" and self._buckets:
             # MPICH and Open MPI progress a nonblocking collective only inside
-            # MPI calls: a Test between layers moves it on while we compute.
-            self.MPI.Request.Testall(self._pending)
+            # MPI calls: a Test between blocks moves it on while we compute.
+            self.MPI.Request.Testall([req for _, _, req in self._buckets])
 
-    def before_step(self):
-        begin = time.perf_counter()
-        if self.overlap == "none":
-            for _, start, stop in self.buckets:
-                self.comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-                self._count(stop - start)
-            end = time.perf_counter()
-            self._record(begin, begin, end)
-        elif self.overlap == "nonblocking":
-            self.MPI.Request.Waitall(self._pending)
-            self._pending = []
-            self._record(self._posted_at, begin, time.perf_counter())
-        else:
-            self._done.acquire()  # the communication thread finished this step's buckets
-            self._record(self._posted_at, begin, time.perf_counter())
-        self._posted_at = None
-        self.step += 1
-
-    def _count(self, n_values):
+    def _post(self, start, stop):
+        if self._posted_at is None:
+            self._posted_at = time.perf_counter()
+        request = None
+        if self.overlap == "nonblocking":
+            request = self.comm.Iallreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+        elif self.overlap == "thread":
+            self._queue.put((start, stop))
+        self._buckets.append((start, stop, request))
         self.stats.calls += 1
-        self.stats.bytes += n_values * self.model.grads.itemsize
+        self.stats.bytes += (stop - start) * self.model.grads.itemsize
 
-    def _record(self, posted, wait_start, end):
-        self.stats.total_s += end - posted
-        self.stats.exposed_s += end - wait_start
-        if self.step < TRACE_STEPS:
-            self.stats.spans.append(("comm", posted, end))
-            self.stats.spans.append(("comm_wait", wait_start, end))
+    def step(self, optimizer, global_batch):
+        """Wait for each bucket's sum in turn and update its part of the parameters."""
+        optimizer.begin_step(global_batch)
+        waits = []
+        for start, stop, request in self._buckets:
+            wait_start = time.perf_counter()
+            if self.overlap == "none":
+                self.comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+            elif self.overlap == "nonblocking":
+                request.Wait()
+            else:
+                self._bucket_done.acquire()  # the communication thread finished this bucket
+            waits.append((wait_start, time.perf_counter()))
+            optimizer.update(start, stop)
+        posted_at = waits[0][0] if self.overlap == "none" else self._posted_at
+        self.stats.total_s += waits[-1][1] - posted_at
+        self.stats.exposed_s += sum(end - begin for begin, end in waits)
+        if self.steps < TRACE_STEPS:
+            self.stats.spans.append(("comm", posted_at, waits[-1][1]))
+            self.stats.spans += [("comm_wait", begin, end) for begin, end in waits]
+        self._buckets, self._posted, self._posted_at = [], 0, None
+        self.steps += 1
 
     # -- the communication thread (--overlap thread) -----------------------------
     def _start_comm_thread(self):
-        # Its own communicator: its Allreduces never match the main thread's collectives.
-        self._comm_thread_comm = self.comm.Dup()
+        # Its own communicator, so its Allreduces never match the main thread's collectives.
+        self._thread_comm = self.comm.Dup()
         self._queue = queue.Queue()
-        self._done = threading.Semaphore(0)
+        self._bucket_done = threading.Semaphore(0)
         self._thread = threading.Thread(target=self._comm_loop, name="mlpcore-allreduce", daemon=True)
         self._thread.start()
 
     def _comm_loop(self):
-        n_buckets = len(self.buckets)
-        finished = 0
-        while True:
-            index = self._queue.get()
-            if index is None:
-                return
-            _, start, stop = self.buckets[index]
-            # mpi4py releases the GIL here, so backprop goes on in the main thread.
-            self._comm_thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-            finished += 1
-            if finished == n_buckets:
-                finished = 0
-                self._done.release()
+        while (bucket := self._queue.get()) is not None:
+            start, stop = bucket
+            # mpi4py releases the GIL in here, so backprop goes on in the main thread.
+            self._thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+            self._bucket_done.release()
 
     def end_epoch(self, loss_sum, n_seen):
         total = self.comm.allreduce(np.array([loss_sum, n_seen]))  # tiny, once per epoch
@@ -181,7 +161,7 @@ class AllreduceSync(LocalSync):
         if self.overlap == "thread":
             self._queue.put(None)
             self._thread.join()
-            self._comm_thread_comm.Free()
+            self._thread_comm.Free()
 
 
 class LocalSGDSync(LocalSync):
@@ -200,7 +180,7 @@ class LocalSGDSync(LocalSync):
         self.size = comm.Get_size()
         self.steps_per_epoch, self.sync_every = steps_per_epoch, sync_every
         self.stats = CommStats()
-        self.step = 0
+        self.steps = 0
         self._synced_at = 0
 
     def batches(self, epoch):
@@ -211,9 +191,10 @@ class LocalSGDSync(LocalSync):
         for rows in np.array_split(order, self.steps_per_epoch):
             yield rows, len(rows)
 
-    def after_step(self):
-        self.step += 1
-        if self.sync_every and self.step % self.sync_every == 0:
+    def step(self, optimizer, global_batch):
+        optimizer.step(global_batch)
+        self.steps += 1
+        if self.sync_every and self.steps % self.sync_every == 0:
             self.average()
 
     def average(self):
@@ -228,14 +209,14 @@ class LocalSGDSync(LocalSync):
         self.stats.exposed_s += end - begin
         if len(self.stats.spans) < 2 * TRACE_STEPS:
             self.stats.spans.append(("comm", begin, end))
-        self._synced_at = self.step
+        self._synced_at = self.steps
 
     def end_epoch(self, loss_sum, n_seen):
         total = self.comm.allreduce(np.array([loss_sum, n_seen]))
         return float(total[0] / total[1])
 
     def finish(self):
-        if self._synced_at != self.step:  # end with one model on every rank
+        if self._synced_at != self.steps:  # end with one model on every rank
             self.average()
 
 

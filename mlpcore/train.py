@@ -5,11 +5,10 @@ data-parallel replica and every local-SGD worker. What differs between them is
 *where the ranks talk*, and that is a :class:`Sync` object's job:
 
 * which rows of the data this process uses for each step (``batches``);
-* what happens while backprop produces each layer's gradient
-  (``on_layer_grad``: start an ``Iallreduce`` for data-parallel training);
-* what happens before the optimizer step (``before_step``: wait for it);
-* what happens after the step (``after_step``: average the model every K steps
-  for local SGD).
+* what happens while backprop produces the gradients (``on_grads_ready``:
+  start an ``Iallreduce`` of each finished bucket, for data-parallel training);
+* the optimizer step (``step``: wait for each bucket and update its part of
+  the parameters; for local SGD, average the model every K steps).
 
 :class:`LocalSync` is the no-communication case.
 """
@@ -39,14 +38,15 @@ class LocalSync:
             rows = order[start:start + self.batch_size]
             yield rows, len(rows)
 
-    def on_layer_grad(self, layer):
-        pass
+    #: Values per block of a weight gradient that backprop hands over at once (None: whole layers).
+    grad_chunk = None
 
-    def before_step(self):
-        pass
+    def on_grads_ready(self, ready):
+        """Backprop has finished the first ``ready`` values of ``model.grads``."""
 
-    def after_step(self):
-        pass
+    def step(self, optimizer, global_batch):
+        """The optimizer step, with whatever communication it needs."""
+        optimizer.step(global_batch)
 
     def end_epoch(self, loss_sum, n_seen):
         """Return the epoch's mean loss (across ranks, for syncs that communicate)."""
@@ -76,7 +76,7 @@ class BatchLoader:
         return to_float(self._u8[n], self.dtype, out=self._float[n])
 
 
-def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None):
+def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start_epoch=0, losses=()):
     """Train ``model`` in place for ``epochs`` passes.
 
     Parameters
@@ -91,6 +91,11 @@ def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None):
         Decides the batches and where ranks communicate.
     on_epoch : callable(epoch, loss), optional
         Called after each epoch (progress bars, checkpoints).
+    start_epoch : int, default 0
+        Epochs already done (resuming from a checkpoint: the model, optimizer
+        and the sync's RNG must already hold that checkpoint's state).
+    losses : sequence of float
+        The losses of those ``start_epoch`` epochs, to which the new ones are added.
 
     Returns
     -------
@@ -99,19 +104,17 @@ def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None):
     """
     load = BatchLoader(x, model.dtype)
     y = np.ascontiguousarray(y, dtype=np.intp)
-    losses = []
-    for epoch in range(epochs):
+    losses = list(losses)
+    for epoch in range(start_epoch, epochs):
         loss_sum, n_seen = 0.0, 0
         for rows, global_batch in sync.batches(epoch):
             xb, yb = load(rows), y[rows]
             activations = model.forward(xb)
             loss_sum += cross_entropy_sum(activations[-1], yb)
             n_seen += len(rows)
-            for layer in model.backward(activations, yb, 1.0 / global_batch):
-                sync.on_layer_grad(layer)
-            sync.before_step()
-            optimizer.step(global_batch)
-            sync.after_step()
+            for ready in model.backward(activations, yb, 1.0 / global_batch, chunk=sync.grad_chunk):
+                sync.on_grads_ready(ready)
+            sync.step(optimizer, global_batch)
         loss = sync.end_epoch(loss_sum, n_seen) + model.l2_penalty(optimizer.alpha, sync.batch_size)
         losses.append(loss)
         if on_epoch is not None:
@@ -121,12 +124,20 @@ def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None):
 
 
 def train_sequential(x, y, *, hidden, epochs, batch_size, seed, dtype=np.float32, lr=1e-3, alpha=1e-4,
-                     n_classes=10, on_epoch=None):
-    """Train one MLP on ``(x, y)`` in this process; returns ``(model, losses, seconds)``."""
+                     n_classes=10, on_epoch=None, checkpoint=None):
+    """Train one MLP on ``(x, y)`` in this process; returns ``(model, losses, seconds)``.
+
+    ``checkpoint``: a :class:`mlpcore.checkpoint.RankCheckpoint` to resume from
+    and to write every few epochs (None: neither).
+    """
     rng = np.random.default_rng(seed)
     model = MLP((x.shape[1], *hidden, n_classes), dtype=dtype, rng=rng)
     optimizer = Adam(model, lr=lr, alpha=alpha)
+    start_epoch, done = 0, []
+    if checkpoint is not None:
+        start_epoch, done = checkpoint.restore(model, optimizer, rng)
+        on_epoch = checkpoint.saver(model, optimizer, rng, done, then=on_epoch)
     start = time.perf_counter()
     losses = fit(model, optimizer, x, y, epochs=epochs, sync=LocalSync(len(x), batch_size, rng),
-                 on_epoch=on_epoch)
+                 on_epoch=on_epoch, start_epoch=start_epoch, losses=done)
     return model, losses, time.perf_counter() - start
