@@ -37,14 +37,14 @@ def main(argv=None):
             if (state.launcher.rank if state.launcher is not None else env_rank()) == 0:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return code
-        _fail_job(state, str(exc), code)
+        _fail_job(state, str(exc), code, exc=exc)
         return code
     except KeyboardInterrupt:
         _fail_job(state, "interrupted", 130)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a hang
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        _fail_job(state, detail, EXIT_FAILURE, tb=traceback.format_exc())
+        _fail_job(state, detail, EXIT_FAILURE, tb=traceback.format_exc(), exc=exc)
         return EXIT_FAILURE
 
 
@@ -52,9 +52,16 @@ def _multi_rank(state):
     return state.launcher is not None and state.launcher.comm is not None and state.launcher.size > 1
 
 
-def _fail_job(state, message, code, tb=None):
+def _fail_job(state, message, code, tb=None, exc=None):
     """Print which rank failed where, then end every rank of the job."""
-    where = f"rank {state.launcher.rank}, phase {state.phase}" if _multi_rank(state) else f"phase {state.phase}"
+    # The phase the exception left (timing.PhaseTimer marks it), else the one now running.
+    worker, phase = getattr(exc, "mlpcore_where", None) or (None, state.phase)
+    if _multi_rank(state):
+        where = f"rank {state.launcher.rank}, phase {phase}"
+    elif worker is not None and phase != state.phase and state.launcher is not None and state.launcher.size > 1:
+        where = f"worker {worker}, phase {phase}"  # in a joblib or serial worker, not the main process
+    else:
+        where = f"phase {phase}"
     if tb and os.environ.get("MLPCORE_DEBUG"):
         print(tb, file=sys.stderr)
     print(f"error ({where}): {message}", file=sys.stderr, flush=True)

@@ -27,6 +27,9 @@ from .data import shard_bounds
 from .errors import MlpcoreError, UsageError
 from .timing import PhaseTimer
 
+# Seconds between printing a fatal error and MPI_Abort, so that mpirun forwards the message.
+ABORT_GRACE_S = 0.3
+
 # Environment variables that process managers set in every rank they start.
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
@@ -170,11 +173,15 @@ class Launcher:
                 result = fn()
             except MlpcoreError as exc:
                 error = exc
+        self.idle_barrier()  # the other ranks sleep while the root works
         self.raise_if_any(error, phase, watched=False)  # the others wait for the root's work: not a stall
         return result
 
     def wait_for_root(self):
         """Collective: non-root ranks sleep (not spin) until the root arrives."""
+
+    def idle_barrier(self):
+        """Collective: a barrier in which early ranks sleep instead of spinning."""
 
     def start_clock(self):
         """Collective: the origin of every rank's :class:`PhaseTimer` (after a barrier under MPI)."""
@@ -313,6 +320,15 @@ class MPILauncher(Launcher):
         while not request.Test():
             time.sleep(0.002)
 
+    def idle_barrier(self):
+        # Ranks that arrive early (waiting for the root to load, or for the
+        # slowest member to finish training) would otherwise spin inside the
+        # next collective, taking turns on the cores the busy ranks still need
+        # whenever ranks outnumber cores. Costs at most a millisecond.
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(0.001)
+
     def start_clock(self):
         self.comm.Barrier()
         return time.perf_counter()
@@ -361,8 +377,10 @@ class MPILauncher(Launcher):
         out = member(self.rank, x_shard, y_shard, x_test, settings, timer)
         out.threads = blas_threads()
 
+        with timer.phase("wait"):
+            self.watch("gather")  # the stall watchdog times this wait: every member should finish
+            self.idle_barrier()  # members that finish first sleep while the others train
         with timer.phase("gather"):
-            self.watch("gather")
             probs = np.empty((self.size, *out.probs.shape), dtype=np.float32) if self.is_root else None
             comm.Gather(np.ascontiguousarray(out.probs, dtype=np.float32), probs, root=0)
             meta = comm.gather((out.threads, out.losses, out.n_train, out.train_s), root=0)
@@ -377,6 +395,11 @@ class MPILauncher(Launcher):
         return self.comm.gather(timer.spans, root=0)
 
     def abort(self, code):
+        # Give mpirun a moment to forward what this rank just printed: on MPI_Abort,
+        # Hydra tears the job down and may drop output still in the pipes.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 

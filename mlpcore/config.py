@@ -7,6 +7,7 @@ ends the job with one clear message instead of a traceback per rank.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -21,6 +22,7 @@ MAX_EPOCHS = 10_000
 MAX_UNITS = 100_000
 MAX_BATCH = 1_000_000
 MAX_LR = 10.0
+MAX_SEED = 2**31 - 1  # seed + rank must stay a valid seed for numpy and scikit-learn
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,8 +182,18 @@ def validate(args):
         raise UsageError(f"--lr must be in (0, {MAX_LR}], got {args.lr}")
     if not (args.alpha >= 0) or args.alpha == float("inf"):
         raise UsageError(f"--alpha must be a finite number >= 0, got {args.alpha}")
-    if args.stall_timeout is not None and not (args.stall_timeout > 0):
-        raise UsageError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout}")
+    if args.stall_timeout is not None and not (0 < args.stall_timeout < float("inf")):
+        raise UsageError(f"--stall-timeout must be a finite number of seconds > 0, got {args.stall_timeout}")
+    if not (0 <= args.seed <= MAX_SEED):
+        raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.resume is not None:
+        if args.out is not None and Path(args.out).absolute() != Path(args.resume).absolute():
+            raise UsageError(f"--resume {args.resume} continues in that folder; drop --out {args.out}")
+        args.out = args.resume
+    if (args.checkpoint_every or args.resume) and (args.strategy != "ensemble" or args.compare
+                                                   or args.trainer != "numpy"):
+        raise UsageError("--checkpoint-every and --resume support --strategy ensemble with --trainer numpy "
+                         "only (not --compare)")
     if args.dtype is None:
         args.dtype = "float64" if args.trainer == "sklearn" else "float32"
     if args.trainer == "sklearn" and args.strategy != "ensemble":

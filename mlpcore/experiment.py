@@ -120,11 +120,13 @@ def _options_differ(launcher, args):
     """A UsageError if the ranks were started with different options (e.g. a bad wrapper script)."""
     if launcher.comm is None:
         return None
-    mine = repr(config_dict(args))
-    everyone = launcher.comm.allgather(mine)
+    everyone = launcher.comm.allgather(config_dict(args))
     odd = [r for r, cfg in enumerate(everyone) if cfg != everyone[0]]
     if odd:
-        return UsageError(f"ranks {odd} were started with options that differ from rank 0's; "
+        keys = sorted({k for r in odd for k in set(everyone[r]) | set(everyone[0])
+                       if everyone[r].get(k) != everyone[0].get(k)})
+        return UsageError(f"ranks {odd} were started with options that differ from rank 0's "
+                          f"({', '.join('--' + k.replace('_', '-') for k in keys)}); "
                           "every rank must get the same command line")
     return None
 

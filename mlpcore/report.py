@@ -48,12 +48,23 @@ def discard_run_dir(run_dir):
         run_dir.rmdir()
 
 
+def _file_mode():
+    """The mode ``open()`` would give a new file (mkstemp's are private, 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path, data):
     """Write ``data`` (str or bytes) to ``path`` via a temporary file, fsync and rename."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as f:
             f.write(data)
             f.flush()
@@ -71,7 +82,10 @@ def atomic_savefig(fig, path, **kwargs):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, FILE_MODE)
         fig.savefig(tmp, **kwargs)
+        with open(tmp, "rb") as f:  # on disk before the rename, as atomic_write does
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -94,7 +108,11 @@ def write_run(run_dir, results, data, outcomes, baselines, args):
         from . import plots
 
         figures = plots.run_figures(run_dir, results, data, headline, baselines, args)
-    results["files"] = sorted(["results.json", "report.md", *figures])
+    from . import trace
+
+    results["files"] = sorted(["results.json", "report.md", "trace.json", "predictions.npz", *figures])
+    trace.write_trace(run_dir, results)  # tiny, so every run writes it, plots or not
+    atomic_write(run_dir / "predictions.npz", predictions_npz(headline, baselines))
     atomic_write(run_dir / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
     atomic_write(run_dir / "report.md", report_markdown(results, table, reports, figures))
 
@@ -109,6 +127,24 @@ def write_run(run_dir, results, data, outcomes, baselines, args):
         import matplotlib.pyplot as plt
 
         plt.show()
+
+
+def predictions_npz(headline, baselines):
+    """The bytes of predictions.npz: the headline's test-set predictions ``y_pred``, the ensemble
+    members' test-set probabilities ``member_probs`` (members, n_test, classes) and the first
+    baseline's ``baseline_y_pred``, for comparing runs exactly (resumed vs uninterrupted, MPI vs joblib)."""
+    import io
+
+    import numpy as np
+
+    arrays = {"y_pred": np.asarray(headline["y_pred"])}
+    if headline.get("member_probs") is not None:
+        arrays["member_probs"] = np.asarray(headline["member_probs"])
+    if baselines:
+        arrays["baseline_y_pred"] = np.asarray(baselines[0]["y_pred"])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def _headline_label(args):

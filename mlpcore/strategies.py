@@ -66,7 +66,7 @@ class AllreduceSync(LocalSync):
     messages (hence the same sums, bit for bit).
     """
 
-    def __init__(self, comm, model, n_samples, batch_size, rng, overlap="none", bucket_kb=256):
+    def __init__(self, comm, model, n_samples, batch_size, rng, overlap="none", bucket_kb=256, watch=None):
         super().__init__(n_samples, batch_size, rng)
         if self.batch_size < comm.Get_size():
             raise UsageError(f"--batch-size {batch_size} is smaller than the {comm.Get_size()} ranks: "
@@ -74,6 +74,7 @@ class AllreduceSync(LocalSync):
         from mpi4py import MPI
 
         self.MPI, self.comm, self.model, self.overlap = MPI, comm, model, overlap
+        self.watch = watch or _no_watch
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.bucket_values = bucket_kb * 1024 // model.grads.itemsize  # 0: one bucket per layer
         self.grad_chunk = self.bucket_values or None
@@ -117,6 +118,7 @@ class AllreduceSync(LocalSync):
     def step(self, optimizer, global_batch):
         """Wait for each bucket's sum in turn and update its part of the parameters."""
         optimizer.begin_step(global_batch)
+        self.watch("allreduce")  # --stall-timeout: name the ranks that never get here
         waits = []
         for start, stop, request in self._buckets:
             wait_start = time.perf_counter()
@@ -154,6 +156,7 @@ class AllreduceSync(LocalSync):
             self._bucket_done.release()
 
     def end_epoch(self, loss_sum, n_seen):
+        self.watch("epoch loss")
         total = self.comm.allreduce(np.array([loss_sum, n_seen]))  # tiny, once per epoch
         return float(total[0] / total[1])
 
@@ -172,11 +175,12 @@ class LocalSGDSync(LocalSync):
     moments; only the parameters are averaged.
     """
 
-    def __init__(self, comm, model, n_samples, batch_size, rng, steps_per_epoch, sync_every):
+    def __init__(self, comm, model, n_samples, batch_size, rng, steps_per_epoch, sync_every, watch=None):
         super().__init__(n_samples, batch_size, rng)
         from mpi4py import MPI
 
         self.MPI, self.comm, self.model = MPI, comm, model
+        self.watch = watch or _no_watch
         self.size = comm.Get_size()
         self.steps_per_epoch, self.sync_every = steps_per_epoch, sync_every
         self.stats = CommStats()
@@ -199,6 +203,7 @@ class LocalSGDSync(LocalSync):
 
     def average(self):
         """Replace every rank's parameters by their mean."""
+        self.watch("average")
         begin = time.perf_counter()
         self.comm.Allreduce(self.MPI.IN_PLACE, self.model.params)
         self.model.params *= self.model.dtype.type(1.0 / self.size)
@@ -212,12 +217,17 @@ class LocalSGDSync(LocalSync):
         self._synced_at = self.steps
 
     def end_epoch(self, loss_sum, n_seen):
+        self.watch("epoch loss")
         total = self.comm.allreduce(np.array([loss_sum, n_seen]))
         return float(total[0] / total[1])
 
     def finish(self):
         if self._synced_at != self.steps:  # end with one model on every rank
             self.average()
+
+
+def _no_watch(name):
+    pass
 
 
 @dataclass(frozen=True)
@@ -234,7 +244,7 @@ class ParallelSettings:
     sync_every: int = 10
 
 
-def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_params=None):
+def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_params=None, watch=None):
     """Train one model with all ranks of ``comm``; returns ``(model, losses, stats)``.
 
     Parameters
@@ -249,7 +259,11 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
     initial_params : ndarray, optional
         Start from these parameters instead of rank 0's initialisation (tests
         use it to replay one rank's local-SGD run in a single process).
+    watch : callable(name), optional
+        Called on every rank before each blocking collective (the stall
+        watchdog's :meth:`Launcher.watch`).
     """
+    watch = watch or _no_watch
     rank = comm.Get_rank()
     # allreduce: the same seed everywhere, so every rank draws the same sample
     # order. localsgd: seed + rank, so the ranks' shards are shuffled differently.
@@ -257,18 +271,21 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
     model = MLP((x.shape[1], *settings.hidden, 10), dtype=np.dtype(settings.dtype), rng=rng)
     if initial_params is not None:
         model.params[...] = initial_params
+    watch("bcast params")
     comm.Bcast(model.params, root=0)  # identical replicas, whatever each rank's RNG did
     optimizer = Adam(model, lr=settings.lr, alpha=settings.alpha)
     if strategy == "allreduce":
-        sync = AllreduceSync(comm, model, len(x), settings.batch_size, rng, settings.overlap, settings.bucket_kb)
+        sync = AllreduceSync(comm, model, len(x), settings.batch_size, rng, settings.overlap, settings.bucket_kb,
+                             watch)
     else:
         # --batch-size is the global batch here too: each rank steps on its
         # share of it, so an epoch has as many steps as with allreduce.
+        watch("shard sizes")
         n_total, size = comm.allreduce(len(x)), comm.Get_size()
         largest = int(np.diff(shard_bounds(n_total, size)).max())
         local_batch = min(max(1, settings.batch_size // size), largest)
         steps = -(-largest // local_batch)
-        sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, settings.sync_every)
+        sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, settings.sync_every, watch)
     losses = fit(model, optimizer, x, y, epochs=settings.epochs, sync=sync, on_epoch=on_epoch)
     return model, losses, sync.stats
 
@@ -290,13 +307,14 @@ def run_data_parallel(name, launcher, data, args, timer):
             comm_bytes = {"scatter_bytes": launcher.comm.allreduce(int(x.nbytes + y.nbytes))}
     with timer.phase("train"):
         train_start = time.perf_counter()
-        model, losses, stats = train_data_parallel(name, launcher.comm, x, y, settings)
+        model, losses, stats = train_data_parallel(name, launcher.comm, x, y, settings, watch=launcher.watch)
         train_s = time.perf_counter() - train_start
     for span_name, start, end in stats.spans:  # a few steps' communication, for the timeline
         timer.spans.append((span_name, start - timer.t0, end - timer.t0))
     timer.totals["comm_exposed"] = timer.totals.get("comm_exposed", 0.0) + stats.exposed_s
 
     with timer.phase("gather"):
+        launcher.watch("gather")
         per_rank = launcher.comm.gather((train_s, stats.as_dict(), blas_threads()), root=0)
     if not root:
         return None

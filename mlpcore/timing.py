@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from . import faults
+
 
 class PhaseTimer:
     """Accumulates wall time per phase and keeps every span.
@@ -24,11 +26,12 @@ class PhaseTimer:
     ['train']
     """
 
-    def __init__(self, t0=None):
+    def __init__(self, t0=None, rank=None):
         self.t0 = time.perf_counter() if t0 is None else t0
         self.totals = {}
         self.spans = []
         self.current = None  # the phase now running, named in error messages
+        self.rank = rank     # set by the launcher's owner; enables the test-only fault switch
 
     def now(self):
         """Seconds since this timer's origin."""
@@ -39,10 +42,21 @@ class PhaseTimer:
         outer, self.current = self.current, name
         start = self.now()
         try:
+            if self.rank is not None:
+                faults.inject(self.rank, name)  # test-only switch (MLPCORE_FAULT); a no-op otherwise
             yield
-        finally:
+        except BaseException as exc:
+            # Leave `current` naming the phase that failed, and tell the exception where it
+            # happened (it may travel back from a joblib worker): the CLI's message names both.
+            if self.rank is not None and not hasattr(exc, "mlpcore_where"):
+                try:
+                    exc.mlpcore_where = (self.rank, name)
+                except AttributeError:  # an exception type without a __dict__
+                    pass
             self.add(name, start, self.now())
-            self.current = outer
+            raise
+        self.add(name, start, self.now())
+        self.current = outer
 
     def add(self, name, start, end):
         """Record a span measured elsewhere (for example inside a worker process)."""

@@ -1,0 +1,279 @@
+"""Checkpoints (``--checkpoint-every E``) and resuming a killed run (``--resume RUN_DIR``).
+
+Every ``E`` epochs each worker writes ``RUN_DIR/checkpoints/rank{r}.npz``
+holding everything that determines the rest of its training: the model's
+parameters, Adam's state (``t``, ``M``, ``V``), the training RNG's state (the
+shuffles still to come), the number of epochs done, the losses so far, and
+the options and world size of the run. A resumed run therefore ends with the
+*same* parameters and predictions, bit for bit, as one that was never
+interrupted (``tests/test_reliability.py`` checks it).
+
+Writing is atomic: the new checkpoint goes to a temporary file, is fsynced,
+the current ``rank{r}.npz`` becomes ``rank{r}.prev.npz`` and the temporary
+file becomes ``rank{r}.npz``. A kill at any moment leaves at least one
+complete checkpoint of each rank (after the first has been written).
+
+``--resume RUN_DIR`` reads every rank's checkpoints on the root (the run
+folder is shared by the ranks: they write their checkpoints into it) and
+picks each rank's starting epoch (:func:`choose_start`): the ensemble's
+members are independent, so each resumes from its own latest complete
+checkpoint; ranks that train one shared model must resume from an epoch that
+is complete on all of them. A checkpoint written with other options or
+another number of workers is refused with a :class:`UsageError`.
+
+To use it from a training loop (see :func:`mlpcore.train.train_sequential`)::
+
+    ckpt = plan.for_rank(rank)                       # a RankCheckpoint, or None
+    start, losses = ckpt.restore(model, optimizer, rng)
+    on_epoch = ckpt.saver(model, optimizer, rng, losses, then=on_epoch)
+    fit(model, optimizer, x, y, epochs=epochs, sync=sync, on_epoch=on_epoch,
+        start_epoch=start, losses=losses)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import config_dict
+from .errors import UsageError
+from .report import FILE_MODE
+
+FOLDER = "checkpoints"
+FORMAT = 1
+# Options that may change between a run and its resumption: where and how
+# output is written, checkpointing itself, the watchdog. Every other option
+# decides what is trained and must be the same.
+MAY_DIFFER = ("out", "overwrite", "no_plots", "show", "quiet", "resume", "checkpoint_every", "stall_timeout")
+
+
+def fingerprint(args, world_size):
+    """The options and world size a checkpoint must match to be resumed (JSON text)."""
+    options = {k: v for k, v in config_dict(args).items() if k not in MAY_DIFFER}
+    return json.dumps({"options": options, "world_size": int(world_size)}, sort_keys=True)
+
+
+def folder(run_dir):
+    return Path(run_dir) / FOLDER
+
+
+def paths(run_dir, rank):
+    """``(latest, previous)`` checkpoint files of ``rank``."""
+    d = folder(run_dir)
+    return d / f"rank{rank}.npz", d / f"rank{rank}.prev.npz"
+
+
+def clear(run_dir):
+    """Remove the checkpoints of an earlier run in this folder (a fresh run with --overwrite)."""
+    d = folder(run_dir)
+    if d.is_dir():
+        for f in d.iterdir():
+            if f.name.startswith(("rank", ".rank")):
+                f.unlink()
+
+
+# -- writing ----------------------------------------------------------------------
+def write(run_dir, rank, *, epoch, losses, model, optimizer, rng, fingerprint):
+    """Write rank ``rank``'s checkpoint after ``epoch`` epochs, atomically, keeping the previous one."""
+    latest, previous = paths(run_dir, rank)
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    state = optimizer.state()
+    buf = io.BytesIO()
+    np.savez(buf, format=np.int64(FORMAT), rank=np.int64(rank), epoch=np.int64(epoch),
+             losses=np.asarray(losses, dtype=np.float64), params=model.params,
+             adam_t=np.int64(state["t"]), adam_M=state["M"], adam_V=state["V"],
+             rng_state=np.str_(json.dumps(rng.bit_generator.state)), fingerprint=np.str_(fingerprint))
+    fd, tmp = tempfile.mkstemp(dir=latest.parent, prefix=f".{latest.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if latest.exists():
+            os.replace(latest, previous)  # the previous complete checkpoint stays until the new one is in
+        os.replace(tmp, latest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(latest.parent)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- reading ----------------------------------------------------------------------
+def read(path):
+    """The arrays of a complete checkpoint file, or None if it is missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            ckpt = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        return None
+    needed = ("format", "rank", "epoch", "losses", "params", "adam_t", "adam_M", "adam_V", "rng_state",
+              "fingerprint")
+    if any(k not in ckpt for k in needed) or int(ckpt["format"]) != FORMAT:
+        return None
+    return ckpt
+
+
+def available(run_dir, rank, expected):
+    """Epochs of ``rank``'s complete checkpoints in ``run_dir``: ``{epoch: path}``.
+
+    Raises :class:`UsageError` if a checkpoint was written with other options
+    or another number of workers than ``expected`` (a :func:`fingerprint`).
+    """
+    found = {}
+    for path in paths(run_dir, rank):
+        ckpt = read(path)
+        if ckpt is None:
+            continue
+        _check_fingerprint(path, str(ckpt["fingerprint"]), expected)
+        found[int(ckpt["epoch"])] = str(path)
+    return found
+
+
+def _check_fingerprint(path, got, expected):
+    if got == expected:
+        return
+    got, expected = json.loads(got), json.loads(expected)
+    if got["world_size"] != expected["world_size"]:
+        raise UsageError(f"--resume: {path} was written by a run with {got['world_size']} workers, "
+                         f"this run has {expected['world_size']}; resume with the same number of "
+                         "ranks (or --jobs)")
+    keys = sorted(set(got["options"]) | set(expected["options"]))
+    diffs = [f"--{k.replace('_', '-')} {_show(got['options'].get(k))} (checkpoint) vs "
+             f"{_show(expected['options'].get(k))} (now)"
+             for k in keys if got["options"].get(k) != expected["options"].get(k)]
+    raise UsageError(f"--resume: {path} was written with other options: {'; '.join(diffs)}; resume with "
+                     f"the same options (only {', '.join('--' + k.replace('_', '-') for k in MAY_DIFFER)} "
+                     "may change)")
+
+
+def _show(value):
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def choose_start(found, world_size, shared_model):
+    """Each rank's starting epoch, from ``found[rank] = {epoch: path}`` (see :func:`available`).
+
+    ``shared_model``: the ranks train one model, so they all start from the
+    latest epoch complete on every rank. Otherwise (the ensemble) each rank
+    starts from its own latest complete checkpoint. 0 means "from scratch".
+    """
+    if shared_model:
+        common = set.intersection(*(set(found.get(r, {})) for r in range(world_size)))
+        return (max(common, default=0),) * world_size
+    return tuple(max(found.get(r, {}), default=0) for r in range(world_size))
+
+
+# -- the plan every worker gets -----------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What each worker needs to write and restore checkpoints (small and picklable, for joblib).
+
+    Attributes
+    ----------
+    directory : str
+        The run folder.
+    every : int
+        Write every ``every`` epochs (0: never).
+    start_epochs : tuple of int
+        Per rank: the checkpointed epoch to resume from (0: from scratch).
+    fingerprint : str
+        See :func:`fingerprint`.
+    """
+
+    directory: str
+    every: int
+    start_epochs: tuple
+    fingerprint: str
+
+    def for_rank(self, rank):
+        return RankCheckpoint(self, rank)
+
+
+def plan(run_dir, args, world_size, *, shared_model=False):
+    """Check ``--resume``'s checkpoints (or clear stale ones) and return the :class:`CheckpointPlan`.
+
+    Runs on the root; raises :class:`UsageError` for a folder without
+    checkpoints or with checkpoints of another configuration.
+    """
+    expected = fingerprint(args, world_size)
+    starts = (0,) * world_size
+    if args.resume:
+        found = {r: available(run_dir, r, expected) for r in range(world_size)}
+        if not any(found.values()):
+            raise UsageError(f"--resume {args.resume}: no complete checkpoint in {folder(run_dir)} "
+                             "(was the run started with --checkpoint-every E, and did it finish an E-th epoch?)")
+        starts = choose_start(found, world_size, shared_model)
+    else:
+        clear(run_dir)
+    return CheckpointPlan(str(run_dir), int(args.checkpoint_every), tuple(int(e) for e in starts), expected)
+
+
+class RankCheckpoint:
+    """One worker's checkpoints: restore at the start, save every ``plan.every`` epochs."""
+
+    def __init__(self, plan, rank):
+        self.plan, self.rank = plan, rank
+
+    def restore(self, model, optimizer, rng):
+        """Load this rank's chosen checkpoint into the objects; returns ``(start_epoch, losses)``.
+
+        Call it after the model is built (its initialisation draws from
+        ``rng``; the restored state replaces all of that).
+        """
+        epoch = self.plan.start_epochs[self.rank]
+        if epoch == 0:
+            return 0, []
+        found = available(self.plan.directory, self.rank, self.plan.fingerprint)
+        if epoch not in found:
+            raise UsageError(f"--resume: the checkpoint of rank {self.rank} at epoch {epoch} disappeared "
+                             f"from {folder(self.plan.directory)} while resuming")
+        ckpt = read(found[epoch])
+        if ckpt["params"].shape != model.params.shape or ckpt["params"].dtype != model.params.dtype:
+            raise UsageError(f"--resume: {found[epoch]} holds {ckpt['params'].shape} {ckpt['params'].dtype} "
+                             f"parameters, the model has {model.params.shape} {model.params.dtype}")
+        model.params[...] = ckpt["params"]
+        optimizer.load_state({"t": int(ckpt["adam_t"]), "M": ckpt["adam_M"], "V": ckpt["adam_V"]})
+        rng.bit_generator.state = json.loads(str(ckpt["rng_state"]))
+        return epoch, [float(v) for v in ckpt["losses"]]
+
+    def saver(self, model, optimizer, rng, losses, then=None):
+        """An ``on_epoch(epoch, loss)`` callback for :func:`mlpcore.train.fit` that writes checkpoints.
+
+        ``losses``: those restored; ``then``: another callback to call after it.
+        """
+        history = list(losses)
+
+        def on_epoch(epoch, loss):
+            history.append(float(loss))
+            done = epoch + 1
+            if self.plan.every and done % self.plan.every == 0:
+                write(self.plan.directory, self.rank, epoch=done, losses=history, model=model,
+                      optimizer=optimizer, rng=rng, fingerprint=self.plan.fingerprint)
+            if then is not None:
+                then(epoch, loss)
+
+        return on_epoch
