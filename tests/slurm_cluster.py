@@ -29,9 +29,12 @@ cannot leak into this cluster.
 
 Gotchas found on Debian 12 / Slurm 22.05
 ----------------------------------------
-* The node name must be what ``slurmd`` thinks its host is; we use the short host name
-  and pin ``NodeAddr``/``SlurmctldHost`` address to 127.0.0.1, so nothing depends on
-  DNS or on ``/etc/hosts`` mapping the host name.
+* slurmctld only runs on a host named in ``SlurmctldHost`` (``localhost`` is accepted
+  too), and slurmd must know its ``NodeName``. We use the short host name for both, pass
+  ``slurmd -N <name>``, and pin the addresses to 127.0.0.1
+  (``SlurmctldHost=name(127.0.0.1)``, ``NodeAddr=127.0.0.1``), so nothing depends on
+  DNS or on ``/etc/hosts`` mapping the host name. ``SlurmctldHost=localhost`` with
+  ``NodeName=localhost`` also works on this box.
 * ``munged`` refuses to run as root without ``--force``; slurm finds a non-default
   munge socket through ``AuthInfo=socket=...`` (used by both auth/munge and cred/munge).
 * ``CPUs=4`` on a 2-core box needs ``SlurmdParameters=config_overrides``, else slurmd

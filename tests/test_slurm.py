@@ -165,6 +165,7 @@ def test_sbatch_directives():
 
 
 # ---------------------------------------------------------------- against Slurm
+@pytest.mark.slurm
 @pytest.mark.timeout(600, method="signal")   # first test also pays for apt-get install
 def test_sbatch_srun_pmi2_default_ntasks(slurm, job_env):
     """The script as a user runs it: 4 tasks from #SBATCH, srun --mpi=pmi2, default run dir."""
@@ -188,6 +189,7 @@ def test_sbatch_srun_pmi2_default_ntasks(slurm, job_env):
                 pass
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(300, method="signal")
 def test_sbatch_hydra_mpirun_and_user_out_wins(slurm, job_env, tmp_path):
     """LAUNCH=mpirun (Hydra inside the allocation), --ntasks=2 on the sbatch command line,
@@ -207,6 +209,7 @@ def test_sbatch_hydra_mpirun_and_user_out_wins(slurm, job_env, tmp_path):
     assert not default_dir.exists(), "a user --out must replace runs/slurm-<jobid>, not add to it"
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(300, method="signal")
 @pytest.mark.parametrize("launch", ["srun", "mpirun"])
 def test_scancel_leaves_no_rank_behind(slurm, job_env, tmp_path, launch):
@@ -245,6 +248,7 @@ def test_scancel_leaves_no_rank_behind(slurm, job_env, tmp_path, launch):
         kill_pids(pids_matching(marker), grace=2)   # never leave a stray rank to the next test
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(300, method="signal")
 def test_srun_mpi_none_is_refused(slurm, tmp_path):
     """srun --mpi=none gives each task a 1-rank world; mpi_train.py must refuse (exit 2).
@@ -261,6 +265,7 @@ def test_srun_mpi_none_is_refused(slurm, tmp_path):
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(300, method="signal")
 def test_sbatch_with_mpi_none_fails_the_job(slurm, job_env, tmp_path):
     """The same trap through the batch script (SRUN_MPI=none): the job FAILS, it does not
@@ -277,6 +282,7 @@ def test_sbatch_with_mpi_none_fails_the_job(slurm, job_env, tmp_path):
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(300, method="signal")
 def test_scaling_submitter_chain(slurm, job_env, tmp_path):
     """scripts/slurm_scaling.sh 1 2: two chained jobs, each with its own world size."""
