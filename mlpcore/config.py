@@ -31,6 +31,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
+    def _print_message(self, message, file=None):
+        # `mpirun -n 4 python mpi_train.py --help`: print the help once, not once per rank.
+        from .comm import env_rank
+
+        if env_rank() == 0:
+            super()._print_message(message, file)
+
 
 def _positive_int(text):
     try:

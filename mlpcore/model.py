@@ -24,9 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-# At import, not lazily: scipy ships its own OpenBLAS, and a pool loaded after a
-# launcher's threadpoolctl limit would run unpinned (2 threads per rank).
-from scipy.linalg import blas as _scipy_blas
 
 from .errors import UsageError
 
@@ -251,7 +248,6 @@ class Adam:
         self.M = np.zeros_like(model.params)
         self.V = np.zeros_like(model.params)
         self._tmp = np.empty_like(model.params)
-        self._axpy = _scipy_blas.saxpy if model.dtype == np.float32 else _scipy_blas.daxpy
         self._coef_ranges = [(sl.start, sl.start + W.size) for sl, W in zip(model.layer_slices, model.coefs)]
 
     def state(self):
@@ -285,10 +281,11 @@ class Adam:
         self._eps = self.model.dtype.type(self.epsilon / root_1mb2)
 
     def update(self, start, stop):
-        """Update ``params[start:stop]`` from ``grads[start:stop]``: ten passes over memory.
+        """Update ``params[start:stop]`` from ``grads[start:stop]``, in place.
 
-        ``axpy`` (``y += a * x`` in one pass, from the BLAS that scipy ships)
-        replaces numpy's multiply-then-add pairs.
+        Plain numpy ufuncs with ``out=``: no temporaries beyond one work
+        buffer. (A BLAS ``axpy`` would save two passes, but scipy's is a
+        second OpenBLAS whose idle threads fight numpy's for the cores.)
         """
         f = self.model.dtype.type
         g, p = self.model.grads[start:stop], self.model.params[start:stop]
@@ -297,7 +294,8 @@ class Adam:
             for w_start, w_stop in self._coef_ranges:  # L2 on the weights, not the biases
                 lo, hi = max(start, w_start), min(stop, w_stop)
                 if lo < hi:
-                    self._axpy(self.model.params[lo:hi], self.model.grads[lo:hi], a=self._l2)
+                    w, l2_term = self.model.params[lo:hi], tmp[lo - start:hi - start]
+                    self.model.grads[lo:hi] += np.multiply(w, f(self._l2), out=l2_term)
         M *= f(self.beta_1)
         M += g
         np.multiply(g, g, out=tmp)
@@ -306,7 +304,8 @@ class Adam:
         np.sqrt(V, out=tmp)
         tmp += self._eps
         np.divide(M, tmp, out=tmp)
-        self._axpy(tmp, p, a=self._c)
+        tmp *= f(self._c)
+        p += tmp
 
 
 def _softmax_inplace(Z):
