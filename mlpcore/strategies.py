@@ -130,9 +130,12 @@ class AllreduceSync(LocalSync):
                 self._bucket_done.acquire()  # the communication thread finished this bucket
             waits.append((wait_start, time.perf_counter()))
             optimizer.update(start, stop)
+        exposed = sum(end - begin for begin, end in waits)
         posted_at = waits[0][0] if self.overlap == "none" else self._posted_at
-        self.stats.total_s += waits[-1][1] - posted_at
-        self.stats.exposed_s += sum(end - begin for begin, end in waits)
+        # Blocking: the communication took exactly the time it was waited for.
+        # Overlapped: it was in flight from the first post to the last arrival.
+        self.stats.total_s += exposed if self.overlap == "none" else waits[-1][1] - posted_at
+        self.stats.exposed_s += exposed
         if self.steps < TRACE_STEPS:
             self.stats.spans.append(("comm", posted_at, waits[-1][1]))
             self.stats.spans += [("comm_wait", begin, end) for begin, end in waits]
