@@ -205,6 +205,7 @@ class SerialLauncher(Launcher):
         self.cores = visible_cores()
         self.threads = threads or self.cores  # one worker runs at a time
         self.oversubscribed = self.threads > self.cores
+        self.workers_per_node = 1  # one worker runs at a time
 
     def map_shards(self, member, x, y, x_test, settings, timer):
         bounds = shard_bounds(len(x), self.size)
@@ -226,6 +227,7 @@ class JoblibLauncher(Launcher):
         self.cores = visible_cores()
         self.threads = threads or max(1, self.cores // size)
         self.oversubscribed = size * self.threads > self.cores
+        self.workers_per_node = size
 
     def map_shards(self, member, x, y, x_test, settings, timer):
         from joblib import Parallel, delayed, parallel_config
@@ -273,12 +275,14 @@ class MPILauncher(Launcher):
         self._check_not_singleton_copies()
 
         # Cores and ranks of this node: BLAS threads are shared out per node.
+        self.hosts = self.comm.allgather(MPI.Get_processor_name())  # tiny; says which ranks share a node
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         node_cpus = set().union(*node.allgather(sorted(os.sched_getaffinity(0))))
         self.cores, self.ranks_per_node = len(node_cpus), node.Get_size()
         node.Free()
         self.threads = threads or max(1, self.cores // self.ranks_per_node)
         self.oversubscribed = self.ranks_per_node * self.threads > self.cores
+        self.workers_per_node = self.ranks_per_node
         self.provided_thread_level = MPI.Query_thread()
         pin_blas_threads(self.threads)
 
@@ -293,6 +297,9 @@ class MPILauncher(Launcher):
 
     def mpi_library(self):
         return self.MPI.Get_library_version().strip().splitlines()[0]
+
+    def same_node(self, rank_a, rank_b):
+        return self.hosts[rank_a] == self.hosts[rank_b]
 
     def raise_if_any(self, error, phase, watched=True):
         if watched:
@@ -416,6 +423,8 @@ def make_launcher(args):
     if choice == "mpi":
         launcher = _start_mpi(args)
         if args.launcher == "auto" and launcher.size == 1 and args.strategy == "ensemble":
+            print(f"note: MPI started 1 rank, so the ensemble's {args.jobs} workers run with joblib "
+                  "(--launcher mpi trains a single rank instead)", file=sys.stderr, flush=True)
             return JoblibLauncher(args.jobs, args.threads)
         return launcher
     if args.strategy != "ensemble":

@@ -21,7 +21,7 @@ from .comm import blas_threads, make_launcher, pin_blas_threads
 from .config import config_dict
 from .data import download_mnist, load_mnist, shard_bounds
 from .ensemble import TrainSettings, hard_vote, soft_vote, train_member
-from .errors import UsageError
+from .errors import MlpcoreError, UsageError
 from .metrics import accuracy, speedup
 from .timing import PhaseTimer
 
@@ -60,15 +60,19 @@ def _run(launcher, timer, args):
         outcomes = {name: _run_strategy(name, launcher, data, args, timer, plan) for name in strategies}
         parallel_total_s = timer.now()
 
-        baselines = _baselines(launcher, data, args, timer)
+        reporter = _reporter_rank(launcher, args)
+        baselines = _baselines(launcher, data, args, timer, reporter)
         spans = launcher.gather_spans(timer)
+        if launcher.rank == reporter and not launcher.is_root:
+            _draw_for_root(launcher)
         if not launcher.is_root:
             return None
         results = _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_total_s)
         if plan is not None and args.resume:
             results["resumed_from_epoch"] = list(plan.start_epochs)
         with timer.phase("report"):
-            report.write_run(run_dir, results, data, outcomes, baselines, args)
+            draw = _remote_drawing(launcher, reporter) if reporter else None
+            report.write_run(run_dir, results, data, outcomes, baselines, args, draw=draw)
         return results
     except BaseException:
         if launcher.is_root:
@@ -185,7 +189,7 @@ def _run_ensemble(launcher, data, args, timer, plan=None):
     }
 
 
-def _baselines(launcher, data, args, timer):
+def _baselines(launcher, data, args, timer, reporter=0):
     """Train the sequential baseline(s) on the root while the other ranks sleep.
 
     The first entry of ``--baseline-threads`` is the classic T1 of the
@@ -209,8 +213,59 @@ def _baselines(launcher, data, args, timer):
                          "accuracy": accuracy(data.y_test, y_pred), "y_pred": y_pred,
                          "final_train_loss": out.losses[-1] if out.losses else None})
         pin_blas_threads(worker_threads)
+    elif launcher.rank == reporter:
+        from . import plots
+
+        plots.preload()  # on the core the 1-thread baseline leaves free
     launcher.wait_for_root()
     return runs
+
+
+# -- drawing the figures on an idle rank -----------------------------------------
+# The figures' libraries take over a second to import (seaborn brings pandas).
+# Under MPI, rank 1 is idle while the root trains the 1-thread baseline: it
+# imports them on the core the baseline leaves free, then draws every figure
+# while the root writes the rest of the report.
+def _reporter_rank(launcher, args):
+    """1 when rank 1 can draw the figures (same node, a core free during the baseline), else 0."""
+    if launcher.comm is None or launcher.size < 2 or args.no_plots or args.show or args.no_baseline:
+        return 0
+    most_threads = max(launcher.cores if t == "all" else t for t in args.baseline_threads)
+    if most_threads >= launcher.cores or not launcher.same_node(0, 1):
+        return 0
+    return 1
+
+
+def _remote_drawing(launcher, reporter):
+    """A ``draw`` for report.write_run that ships what the figures need to ``reporter``."""
+    def draw(run_dir, results, data, headline, baselines, args):
+        slim_headline = {k: headline.get(k) for k in ("y_pred", "accuracy", "shard_sizes")}
+        slim_baselines = [{k: b[k] for k in ("y_pred", "threads", "accuracy")} for b in baselines[:1]]
+        launcher.comm.send((str(run_dir), results, data.y_test, slim_headline, slim_baselines, args),
+                           dest=reporter, tag=_DRAW_TAG)
+        ok, answer = launcher.comm.recv(source=reporter, tag=_DRAW_TAG)
+        if not ok:
+            raise MlpcoreError(f"rank {reporter} could not draw the figures: {answer}")
+        return answer
+    return draw
+
+
+def _draw_for_root(launcher):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from . import plots
+
+    run_dir, results, y_test, headline, baselines, args = launcher.comm.recv(source=0, tag=_DRAW_TAG)
+    try:
+        files = plots.run_figures(Path(run_dir), results, SimpleNamespace(y_test=y_test), headline, baselines, args)
+        answer = (True, files)
+    except Exception as exc:  # noqa: BLE001 - reported by the root, which owns the run's outcome
+        answer = (False, f"{type(exc).__name__}: {exc}")
+    launcher.comm.send(answer, dest=0, tag=_DRAW_TAG)
+
+
+_DRAW_TAG = 41
 
 
 def _phase_totals(spans):
@@ -270,9 +325,10 @@ def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_t
     for name, outcome in outcomes.items():
         compare[name] = {k: outcome.get(k) for k in ("accuracy", "comm", "final_train_loss", "overlap")}
         compare[name]["parallel_train_s"] = outcome["parallel_train_s"]
+    environment = _environment(launcher, headline)
     return {
         "config": config_dict(args),
-        "environment": _environment(launcher, headline),
+        "environment": environment,
         "data": {"origin": data.origin, "n_train": data.n_train, "n_test": data.n_test,
                  "shard_sizes": headline.get("shard_sizes")},
         "timings": timings,
@@ -282,14 +338,15 @@ def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_t
                                                if k in ("comm", "final_train_loss", "overlap")}},
         "compare": compare if args.compare else None,
         "spans": [[list(s) for s in rank_spans] for rank_spans in spans],
-        "warnings": _warnings(launcher),
+        "warnings": _warnings(environment),
     }
 
 
-def _warnings(launcher):
+def _warnings(env):
     notes = []
-    if launcher.oversubscribed:
-        notes.append(f"{launcher.size} workers x {launcher.threads} BLAS thread(s) on {launcher.cores} cores: "
+    if env["oversubscribed"]:
+        threads = ",".join(map(str, sorted(set(env["threads_per_worker"]))))
+        notes.append(f"{env['world_size']} workers x {threads} BLAS thread(s) on {env['cores']} cores: "
                      "workers share cores, so the parallel times include time-slicing")
     return notes
 
@@ -306,6 +363,10 @@ def _environment(launcher, headline):
     from threadpoolctl import threadpool_info
 
     env = launcher.describe()
+    # Judge by the threads the workers actually ran with (a BLAS pool loaded
+    # after the pinning would run more than requested), not only by the request.
+    measured = max(t for t in headline["threads_per_worker"] if t) if any(headline["threads_per_worker"]) else 1
+    env["oversubscribed"] = bool(env["oversubscribed"] or launcher.workers_per_node * measured > launcher.cores)
     env.update({"threads_per_worker": headline["threads_per_worker"], "versions": versions,
                 "hostname": platform.node(), "platform": platform.platform(),
                 "blas": [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}

@@ -20,6 +20,13 @@ def _pyplot(show):
     return plt
 
 
+def preload():
+    """Import the figures' libraries now (seaborn alone takes most of a second)."""
+    _pyplot(show=False)
+    import networkx  # noqa: F401
+    import seaborn  # noqa: F401
+
+
 def run_figures(run_dir, results, data, headline, baselines, args):
     """Draw the run's figures into ``run_dir``; returns their file names."""
     plt = _pyplot(args.show)

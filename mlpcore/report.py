@@ -94,8 +94,12 @@ def atomic_savefig(fig, path, **kwargs):
 
 
 # -- writing a run ----------------------------------------------------------------
-def write_run(run_dir, results, data, outcomes, baselines, args):
-    """Print the summary and write results.json, report.md and the figures into ``run_dir``."""
+def write_run(run_dir, results, data, outcomes, baselines, args, draw=None):
+    """Print the summary and write results.json, report.md and the figures into ``run_dir``.
+
+    ``draw`` (same arguments as :func:`mlpcore.plots.run_figures`) draws the
+    figures elsewhere, e.g. on an idle MPI rank; it returns their file names.
+    """
     headline = outcomes[args.strategy]
     table = summary_table(results)
     reports = {f"{args.strategy} ({_headline_label(args)})": classification_report(data.y_test, headline["y_pred"])}
@@ -107,7 +111,8 @@ def write_run(run_dir, results, data, outcomes, baselines, args):
     if not args.no_plots:
         from . import plots
 
-        figures = plots.run_figures(run_dir, results, data, headline, baselines, args)
+        draw = draw or plots.run_figures
+        figures = draw(run_dir, results, data, headline, baselines, args)
     from . import trace
 
     results["files"] = sorted(["results.json", "report.md", "trace.json", "predictions.npz", *figures])
@@ -192,8 +197,16 @@ def summary_table(results):
     strategy = results.get("strategy", {})
     if strategy.get("overlap"):
         o = strategy["overlap"]
-        rows.append(("communication", f"{o['calls']} calls, {o['bytes'] / 1e6:.1f} MB, {o['total_s']:.3f} s "
-                                      f"total, {o['exposed_s']:.3f} s exposed, overlap {o['fraction']:.0%}"))
+        rows.append(("communication", f"{o['calls']} calls, {o['bytes'] / 1e6:.1f} MB per rank, {o['total_s']:.3f} s "
+                                      f"in flight, {o['exposed_s']:.3f} s exposed, overlap {o['fraction']:.0%}"))
+    elif strategy.get("comm"):
+        rows.append(("communication", ", ".join(f"{k.replace('_bytes', '')} {v / 1e6:.1f} MB"
+                                                for k, v in strategy["comm"].items() if k.endswith("bytes"))))
+    loss = strategy.get("final_train_loss")
+    if loss is not None:
+        losses = loss if isinstance(loss, list) else [loss]
+        rows.append(("final train loss", ", ".join(f"{v:.4f}" for v in losses if v is not None)
+                     + (" (per member)" if isinstance(loss, list) else "")))
     if "baseline_accuracy" in m:
         rows.append(("accuracy cost", f"{(m['baseline_accuracy'] - m['accuracy']) * 100:+.2f} pp "
                                       "(sequential minus parallel)"))
