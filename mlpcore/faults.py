@@ -3,7 +3,7 @@
 Never set it in a real run. It exists so that the test suite can check that a
 rank that fails, hangs or dies ends the whole job with a clear message
 instead of leaving the other ranks blocked in a collective forever
-(``tests/test_reliability.py``, ``docs/failures.md``).
+(``tests/test_reliability.py``, README.md, "When things go wrong").
 
 Set the environment variable ``MLPCORE_FAULT=RANK:PHASE[:KIND]`` (several,
 separated by commas); rank ``RANK`` then fails when its

@@ -98,14 +98,25 @@ def task_graph(plt, path, results, headline):
         G.add_edge(f"predict{r}", "vote", label=_bytes(n_test * 10 * 4))
     if results["timings"]["baselines"]:
         G.add_node("baseline", layer=1.5, label="sequential\nbaseline\n(rank 0)")
-        G.add_edge("load", "baseline", label="all data (local)")
+        G.add_edge("load", "baseline", label="all data, on rank 0")
         G.add_edge("baseline", "vote", label="compare")
-    pos = nx.multipartite_layout(G, subset_key="layer")
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 1.2 * n))
+    # Columns are the stages, rows are the ranks (rank 0 on top); the baseline
+    # runs on rank 0 after the parallel part, drawn in a row of its own below.
+    pos = {"load": (0, -(n - 1) / 2), "vote": (3, -(n - 1) / 2), "baseline": (1.5, -n - 0.2)}
+    for r in range(n):
+        pos[f"train{r}"], pos[f"predict{r}"] = (1, -r), (2, -r)
+    fig, ax = plt.subplots(figsize=(10, 2.2 + 1.2 * n))
     nx.draw_networkx_nodes(G, pos, ax=ax, node_size=2600, node_color="#dbe9f6", edgecolors="#2b6ca3")
     nx.draw_networkx_labels(G, pos, labels=nx.get_node_attributes(G, "label"), font_size=7, ax=ax)
-    nx.draw_networkx_edges(G, pos, ax=ax, arrows=True, arrowsize=12, node_size=2600, edge_color="#555")
-    nx.draw_networkx_edge_labels(G, pos, edge_labels=nx.get_edge_attributes(G, "label"), font_size=6, ax=ax)
+    parallel = [e for e in G.edges if "baseline" not in e]
+    nx.draw_networkx_edges(G, pos, edgelist=parallel, ax=ax, arrows=True, arrowsize=12, node_size=2600,
+                           edge_color="#555")
+    labels = nx.get_edge_attributes(G, "label")
+    nx.draw_networkx_edge_labels(G, pos, edge_labels={e: labels[e] for e in parallel}, font_size=6, ax=ax)
+    baseline = [e for e in G.edges if "baseline" in e]
+    if baseline:  # curved below the ranks, so they don't cross the shards' edges
+        nx.draw_networkx_edges(G, pos, edgelist=baseline, ax=ax, arrows=True, arrowsize=12, node_size=2600,
+                               edge_color="#c07020", style="dashed", connectionstyle="arc3,rad=0.25")
     ax.set_title(f"Task graph of this run: {n} ranks, bytes moved on each edge "
                  "(uint8 shards and test set out, float32 probabilities back)", fontsize=9)
     ax.axis("off")

@@ -1,4 +1,4 @@
-"""Reliability: no hangs, no lost results, clear errors (docs/failures.md).
+"""Reliability: no hangs, no lost results, clear errors (README.md, "When things go wrong").
 
 Real jobs under ``mpirun -n 2`` (MPICH Hydra from PyPI), each with a timeout:
 that timeout is the bound on "ends within seconds", so a hang fails one test
