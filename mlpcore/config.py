@@ -197,10 +197,9 @@ def validate(args):
         if args.out is not None and Path(args.out).absolute() != Path(args.resume).absolute():
             raise UsageError(f"--resume {args.resume} continues in that folder; drop --out {args.out}")
         args.out = args.resume
-    if (args.checkpoint_every or args.resume) and (args.strategy != "ensemble" or args.compare
-                                                   or args.trainer != "numpy"):
-        raise UsageError("--checkpoint-every and --resume support --strategy ensemble with --trainer numpy "
-                         "only (not --compare)")
+    if (args.checkpoint_every or args.resume) and (args.compare or args.trainer != "numpy"):
+        raise UsageError("--checkpoint-every and --resume need --trainer numpy (mlpcore's own model state) "
+                         "and one strategy (not --compare)")
     if args.dtype is None:
         args.dtype = "float64" if args.trainer == "sklearn" else "float32"
     if args.trainer == "sklearn" and args.strategy != "ensemble":

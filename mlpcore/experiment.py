@@ -111,7 +111,10 @@ def _checkpoint_plan(launcher, args, run_dir):
         if launcher.is_root:
             checkpoint.clear(run_dir)  # an earlier run's, from a folder reused with --overwrite
         return None
-    plan = launcher.on_root(lambda: checkpoint.plan(run_dir, args, launcher.size), "resume")
+    # One model trained by every rank resumes from the latest epoch all ranks saved.
+    shared_model = args.strategy != "ensemble"
+    plan = launcher.on_root(lambda: checkpoint.plan(run_dir, args, launcher.size, shared_model=shared_model),
+                            "resume")
     if launcher.comm is not None:
         plan = launcher.comm.bcast(plan, root=0)
     if args.resume and launcher.is_root:
@@ -154,7 +157,7 @@ def _run_strategy(name, launcher, data, args, timer, plan=None):
         return _run_ensemble(launcher, data, args, timer, plan)
     from .strategies import run_data_parallel
 
-    return run_data_parallel(name, launcher, data, args, timer)
+    return run_data_parallel(name, launcher, data, args, timer, plan)
 
 
 def _run_ensemble(launcher, data, args, timer, plan=None):

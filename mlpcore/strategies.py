@@ -163,6 +163,10 @@ class AllreduceSync(LocalSync):
         total = self.comm.allreduce(np.array([loss_sum, n_seen]))  # tiny, once per epoch
         return float(total[0] / total[1])
 
+    def resume_at(self, epoch):
+        """Continue after ``epoch`` checkpointed epochs (the step counter feeds only the trace)."""
+        self.steps = epoch * -(-self.n_samples // self.batch_size)
+
     def finish(self):
         if self.overlap == "thread":
             self._queue.put(None)
@@ -224,6 +228,11 @@ class LocalSGDSync(LocalSync):
         total = self.comm.allreduce(np.array([loss_sum, n_seen]))
         return float(total[0] / total[1])
 
+    def resume_at(self, epoch):
+        """Continue after ``epoch`` checkpointed epochs: the averaging schedule counts steps."""
+        self.steps = epoch * self.steps_per_epoch
+        self._synced_at = self.steps - self.steps % self.sync_every if self.sync_every else 0
+
     def finish(self):
         if self._synced_at != self.steps:  # end with one model on every rank
             self.average()
@@ -247,7 +256,8 @@ class ParallelSettings:
     sync_every: int = 10
 
 
-def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_params=None, watch=None):
+def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_params=None, watch=None,
+                        checkpoint=None):
     """Train one model with all ranks of ``comm``; returns ``(model, losses, stats)``.
 
     Parameters
@@ -265,6 +275,8 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
     watch : callable(name), optional
         Called on every rank before each blocking collective (the stall
         watchdog's :meth:`Launcher.watch`).
+    checkpoint : mlpcore.checkpoint.RankCheckpoint, optional
+        Resume from this rank's checkpoint and write new ones every E epochs.
     """
     watch = watch or _no_watch
     rank = comm.Get_rank()
@@ -289,11 +301,19 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
         local_batch = min(max(1, settings.batch_size // size), largest)
         steps = -(-largest // local_batch)
         sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, settings.sync_every, watch)
-    losses = fit(model, optimizer, x, y, epochs=settings.epochs, sync=sync, on_epoch=on_epoch)
+    start_epoch, done = 0, []
+    if checkpoint is not None:
+        # After the broadcast: a resumed rank's own saved state replaces it (for
+        # allreduce every rank saved the same replica; for local SGD its own model).
+        start_epoch, done = checkpoint.restore(model, optimizer, rng)
+        on_epoch = checkpoint.saver(model, optimizer, rng, done, then=on_epoch)
+        sync.resume_at(start_epoch)
+    losses = fit(model, optimizer, x, y, epochs=settings.epochs, sync=sync, on_epoch=on_epoch,
+                 start_epoch=start_epoch, losses=done)
     return model, losses, sync.stats
 
 
-def run_data_parallel(name, launcher, data, args, timer):
+def run_data_parallel(name, launcher, data, args, timer, plan=None):
     """The experiment's part for allreduce/localsgd: distribute, train, predict on the root."""
     if launcher.comm is None:
         raise UsageError(f"--strategy {name} needs MPI (mpirun)")
@@ -310,7 +330,9 @@ def run_data_parallel(name, launcher, data, args, timer):
             comm_bytes = {"scatter_bytes": launcher.comm.allreduce(int(x.nbytes + y.nbytes))}
     with timer.phase("train"):
         train_start = time.perf_counter()
-        model, losses, stats = train_data_parallel(name, launcher.comm, x, y, settings, watch=launcher.watch)
+        model, losses, stats = train_data_parallel(
+            name, launcher.comm, x, y, settings, watch=launcher.watch,
+            checkpoint=None if plan is None else plan.for_rank(launcher.rank))
         train_s = time.perf_counter() - train_start
     for span_name, start, end in stats.spans:  # a few steps' communication, for the timeline
         timer.spans.append((span_name, start - timer.t0, end - timer.t0))

@@ -164,7 +164,7 @@ def test_resume_and_checkpoint_rules(tmp_path):
     args = parse_args(["--resume", str(tmp_path)])
     assert args.out == str(tmp_path)  # --resume continues in its own folder
     assert_usage_error(["--resume", str(tmp_path), "--out", str(tmp_path / "other")], mentions="--resume")
-    assert_usage_error(["--checkpoint-every", "2", "--strategy", "allreduce"], mentions="--checkpoint-every")
+    assert_usage_error(["--checkpoint-every", "2", "--compare"], mentions="--checkpoint-every")
     assert_usage_error(["--checkpoint-every", "2", "--trainer", "sklearn"], mentions="--checkpoint-every")
 
 
