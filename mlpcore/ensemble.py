@@ -16,29 +16,20 @@ import numpy as np
 
 from .comm import WorkerOutput
 from .data import to_float
-from .train import train_sequential
+from .train import Hyperparams, train_sequential
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Hyperparams):
     """What a worker needs to train one member (picklable for joblib)."""
 
-    hidden: tuple
-    epochs: int
-    batch_size: int
-    lr: float
-    alpha: float
-    dtype: str
-    trainer: str
-    seed: int
+    trainer: str = "numpy"
     progress: bool = False  # an epoch bar on stderr (rank 0, terminal only)
     checkpoint: object = None  # a checkpoint.CheckpointPlan (--checkpoint-every / --resume), or None
 
     @classmethod
     def from_args(cls, args, progress=False):
-        return cls(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   alpha=args.alpha, dtype=args.dtype, trainer=args.trainer, seed=args.seed,
-                   progress=progress)
+        return super().from_args(args, trainer=args.trainer, progress=progress)
 
 
 def soft_vote(probs):

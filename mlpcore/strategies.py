@@ -26,7 +26,7 @@ from .comm import blas_threads
 from .data import shard_bounds, to_float
 from .errors import UsageError
 from .model import Adam, MLP
-from .train import LocalSync, fit
+from .train import Hyperparams, LocalSync, fit
 
 #: Per-step compute/communication spans are kept for this many steps only, so
 #: that trace.json stays small while still showing the overlap.
@@ -243,14 +243,9 @@ def _no_watch(name):
 
 
 @dataclass(frozen=True)
-class ParallelSettings:
-    hidden: tuple
-    epochs: int
-    batch_size: int
-    lr: float
-    alpha: float
-    dtype: str
-    seed: int
+class ParallelSettings(Hyperparams):
+    """The shared settings plus the data-parallel ones."""
+
     overlap: str = "none"
     bucket_kb: int = 256
     sync_every: int = 10
@@ -317,9 +312,8 @@ def run_data_parallel(name, launcher, data, args, timer, plan=None):
     """The experiment's part for allreduce/localsgd: distribute, train, predict on the root."""
     if launcher.comm is None:
         raise UsageError(f"--strategy {name} needs MPI (mpirun)")
-    settings = ParallelSettings(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size,
-                                lr=args.lr, alpha=args.alpha, dtype=args.dtype, seed=args.seed,
-                                overlap=args.overlap, bucket_kb=args.bucket_kb, sync_every=args.sync_every)
+    settings = ParallelSettings.from_args(args, overlap=args.overlap, bucket_kb=args.bucket_kb,
+                                          sync_every=args.sync_every)
     root = launcher.is_root
     with timer.phase("scatter"):
         if name == "allreduce":

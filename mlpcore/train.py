@@ -16,11 +16,31 @@ data-parallel replica and every local-SGD worker. What differs between them is
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from .data import to_float
 from .model import Adam, MLP, cross_entropy_sum
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """The model and optimiser settings every strategy shares (small and picklable, for joblib)."""
+
+    hidden: tuple
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha: float
+    dtype: str
+    seed: int
+
+    @classmethod
+    def from_args(cls, args, **extra):
+        """From the parsed command line; ``extra`` fills a subclass's own fields."""
+        return cls(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   alpha=args.alpha, dtype=args.dtype, seed=args.seed, **extra)
 
 
 class LocalSync:

@@ -273,12 +273,17 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_mpi_run_killed_mid_training_resumes_to_the_same_result(tmp_path, uninterrupted, start_job):
-    out = tmp_path / "run"
-    job = start_job([*CKPT, "--out", out], 2)
+def kill_after_first_checkpoint(start_job, args, out):
+    """Start ``mpirun -n 2`` on ``args``, SIGKILL every process once a checkpoint exists."""
+    job = start_job([*args, "--out", out], 2)
     job.wait_for(lambda: any((out / "checkpoints").glob("rank*.npz")), what="the first checkpoint")
     job.kill_all()
     assert not (out / "results.json").exists(), "the run finished before it was killed: make it longer"
+
+
+def test_mpi_run_killed_mid_training_resumes_to_the_same_result(tmp_path, uninterrupted, start_job):
+    out = tmp_path / "run"
+    kill_after_first_checkpoint(start_job, CKPT, out)
 
     res = run_cli([*CKPT, "--resume", out], 2, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr
@@ -310,10 +315,7 @@ def test_data_parallel_run_killed_mid_training_resumes_to_the_same_result(tmp_pa
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "run"
-    job = start_job([*args, "--out", out], 2)
-    job.wait_for(lambda: any((out / "checkpoints").glob("rank*.npz")), what="the first checkpoint")
-    job.kill_all()
-    assert not (out / "results.json").exists(), "the run finished before it was killed: make it longer"
+    kill_after_first_checkpoint(start_job, args, out)
 
     res = run_cli([*args, "--resume", out], 2, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr
