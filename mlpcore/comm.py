@@ -58,12 +58,17 @@ def started_by_mpi():
     return "SLURM_STEP_ID" in os.environ and tasks.isdigit() and int(tasks) > 1
 
 
-def visible_cores():
-    """CPUs this process may run on (the affinity mask: Slurm and taskset shrink it)."""
+def _affinity():
+    """The CPU ids this process may run on (the affinity mask: Slurm and taskset shrink it)."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux: assume every CPU
+        return set(range(os.cpu_count() or 1))
+
+
+def visible_cores():
+    """How many CPUs this process may run on."""
+    return len(_affinity())
 
 
 def pin_blas_threads(n):
@@ -191,10 +196,6 @@ class Launcher:
         """Every rank's phase spans on the root (under MPI); None means "in the outputs"."""
         return None
 
-    def finalize(self):
-        pass
-
-
 class SerialLauncher(Launcher):
     """Workers one after another in this process."""
 
@@ -277,7 +278,7 @@ class MPILauncher(Launcher):
         # Cores and ranks of this node: BLAS threads are shared out per node.
         self.hosts = self.comm.allgather(MPI.Get_processor_name())  # tiny; says which ranks share a node
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        node_cpus = set().union(*node.allgather(sorted(os.sched_getaffinity(0))))
+        node_cpus = set().union(*node.allgather(sorted(_affinity())))
         self.cores, self.ranks_per_node = len(node_cpus), node.Get_size()
         node.Free()
         self.threads = threads or max(1, self.cores // self.ranks_per_node)
@@ -420,17 +421,23 @@ def make_launcher(args):
     choice = args.launcher
     if choice == "auto":
         choice = "mpi" if started_by_mpi() else "joblib"
+    single_run = args.strategy == "ensemble" and not args.compare  # what joblib/serial can run
     if choice == "mpi":
         launcher = _start_mpi(args)
-        if args.launcher == "auto" and launcher.size == 1 and args.strategy == "ensemble":
+        if args.launcher == "auto" and launcher.size == 1 and single_run:
             print(f"note: MPI started 1 rank, so the ensemble's {args.jobs} workers run with joblib "
                   "(--launcher mpi trains a single rank instead)", file=sys.stderr, flush=True)
             return JoblibLauncher(args.jobs, args.threads)
         return launcher
-    if args.strategy != "ensemble":
-        raise UsageError(f"--strategy {args.strategy} needs MPI: launch it with "
-                         f"`mpirun -n N python mpi_train.py --strategy {args.strategy}` "
+    if not single_run:
+        what = "--compare" if args.compare else f"--strategy {args.strategy}"
+        raise UsageError(f"{what} needs MPI: launch it with `mpirun -n N python mpi_train.py {what}` "
                          f"(the {choice} launcher runs only the ensemble)")
+    tasks = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+    if tasks.isdigit() and int(tasks) > 1:
+        # Each of the N processes mpirun started would run its own whole experiment.
+        raise UsageError(f"--launcher {choice} under mpirun with {tasks} processes would run {tasks} "
+                         "separate experiments; use --launcher mpi (or auto), or run without mpirun")
     if choice == "joblib":
         return JoblibLauncher(args.jobs, args.threads)
     return SerialLauncher(args.jobs, args.threads)
@@ -443,8 +450,3 @@ def _start_mpi(args):
         raise UsageError(f"the MPI launcher needs mpi4py and an MPI library ({exc}): "
                          "pip install -e .[mpi], or run without mpirun to use joblib") from None
 
-
-def print_once(message, file=sys.stderr):
-    """Print on rank 0 only (before or after MPI is up)."""
-    if env_rank() == 0:
-        print(message, file=file, flush=True)

@@ -114,7 +114,7 @@ def build_parser():
                        help="hidden layer widths, e.g. 128 or 512,256")
     model.add_argument("--epochs", type=_positive_int, default=10)
     model.add_argument("--batch-size", type=_positive_int, default=200,
-                       help="mini-batch size (for allreduce: the global batch, split across ranks)")
+                       help="mini-batch size (allreduce, localsgd: the global batch, split across ranks)")
     model.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     model.add_argument("--alpha", type=float, default=1e-4, help="L2 penalty, in scikit-learn's scaling")
     model.add_argument("--dtype", choices=("float32", "float64"), default=None,
@@ -134,7 +134,7 @@ def build_parser():
 
     threads = p.add_argument_group("threads and baseline")
     threads.add_argument("--threads", type=_positive_int, default=None,
-                         help="BLAS threads per worker (default: max(1, cores // workers))")
+                         help="BLAS threads per worker (default: max(1, cores // workers running at once))")
     threads.add_argument("--baseline-threads", type=_baseline_threads, default=(1,), metavar="N[,N...]",
                          help="BLAS threads of the sequential baseline runs; the first is the headline T1, "
                               "'all' means every core (e.g. 1,all)")

@@ -80,12 +80,14 @@ def train_member(rank, x, y, x_test, settings, timer):
     """
     dtype = np.dtype(settings.dtype)
     seed = settings.seed + rank
+    if settings.trainer == "sklearn":
+        import sklearn.neural_network  # noqa: F401  (its import is not training time)
+    bar = _epoch_bar(settings) if rank == 0 and settings.trainer != "sklearn" else None
     start = timer.now()
     with timer.phase("train"):
         if settings.trainer == "sklearn":
             model, losses = _train_sklearn(x, y, settings, seed)
         else:
-            bar = _epoch_bar(settings) if rank == 0 else None
             model, losses, _ = train_sequential(
                 x, y, hidden=settings.hidden, epochs=settings.epochs, batch_size=settings.batch_size,
                 seed=seed, dtype=dtype, lr=settings.lr, alpha=settings.alpha,

@@ -41,7 +41,7 @@ class CommStats:
     bytes: int = 0
     total_s: float = 0.0    # wall time the communication was in flight
     exposed_s: float = 0.0  # time training waited for it
-    spans: list = field(default_factory=list)  # ("comm"/"wait", start, end) for the first steps
+    spans: list = field(default_factory=list)  # ("comm"/"comm_wait", start, end) for the first steps
 
     def as_dict(self):
         fraction = 1.0 - self.exposed_s / self.total_s if self.total_s > 0 else 0.0
@@ -292,9 +292,10 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
         # share of it, so an epoch has as many steps as with allreduce.
         watch("shard sizes")
         n_total, size = comm.allreduce(len(x)), comm.Get_size()
-        largest = int(np.diff(shard_bounds(n_total, size)).max())
-        local_batch = min(max(1, settings.batch_size // size), largest)
-        steps = -(-largest // local_batch)
+        sizes = np.diff(shard_bounds(n_total, size))
+        local_batch = min(max(1, settings.batch_size // size), int(sizes.max()))
+        # Never more steps than the smallest shard has samples: no rank gets an empty batch.
+        steps = min(-(-int(sizes.max()) // local_batch), int(sizes.min()))
         sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, settings.sync_every, watch)
     start_epoch, done = 0, []
     if checkpoint is not None:
@@ -330,7 +331,6 @@ def run_data_parallel(name, launcher, data, args, timer, plan=None):
         train_s = time.perf_counter() - train_start
     for span_name, start, end in stats.spans:  # a few steps' communication, for the timeline
         timer.spans.append((span_name, start - timer.t0, end - timer.t0))
-    timer.totals["comm_exposed"] = timer.totals.get("comm_exposed", 0.0) + stats.exposed_s
 
     with timer.phase("gather"):
         launcher.watch("gather")
