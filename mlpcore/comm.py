@@ -79,12 +79,19 @@ def pin_blas_threads(n):
     """
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    global _blas_limiter
-    _blas_limiter = threadpool_limits(limits=n)
+    global _blas_limiter, _pinned_threads
+    _blas_limiter, _pinned_threads = threadpool_limits(limits=n), n
     return blas_threads(threadpool_info())
 
 
+def repin_blas_threads():
+    """Apply the last pin to BLAS pools loaded since (scikit-learn brings scipy's own OpenBLAS)."""
+    if _pinned_threads is not None:
+        pin_blas_threads(_pinned_threads)
+
+
 _blas_limiter = None
+_pinned_threads = None
 
 
 def blas_threads(info=None):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .comm import WorkerOutput
+from .comm import WorkerOutput, repin_blas_threads
 from .data import to_float
 from .train import Hyperparams, train_sequential
 
@@ -82,6 +82,8 @@ def train_member(rank, x, y, x_test, settings, timer):
     seed = settings.seed + rank
     if settings.trainer == "sklearn":
         import sklearn.neural_network  # noqa: F401  (its import is not training time)
+
+        repin_blas_threads()  # scipy's OpenBLAS arrived with it, after this worker was pinned
     bar = _epoch_bar(settings) if rank == 0 and settings.trainer != "sklearn" else None
     start = timer.now()
     with timer.phase("train"):

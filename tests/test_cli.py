@@ -181,3 +181,13 @@ def test_existing_non_empty_out_needs_overwrite(cli, tmp_path):
     error_lines = [line for line in res.stderr.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1 and "--overwrite" in error_lines[0], res.stderr
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me\n"
+
+
+def test_sklearn_trainer_runs_with_the_pinned_threads(cli):
+    """scikit-learn brings scipy's own OpenBLAS after the worker was pinned: it must be pinned too."""
+    rc, out, err, results = cli([*SMALL, "--trainer", "sklearn", "--threads", "1"], np=2)
+    assert rc == 0, err
+    env = results["environment"]
+    assert env["threads_per_worker"] == [1, 1]
+    assert len(env["blas"]) >= 2 and all(pool["num_threads"] == 1 for pool in env["blas"]), env["blas"]
+    assert results["config"]["dtype"] == "float64"  # the reference program's default
