@@ -10,8 +10,9 @@ started:
   large arrays reach the workers as read-only memory maps.
 * :class:`SerialLauncher` - the workers one after another in this process.
 
-Only small metadata (phase spans, thread counts, error messages) travels with
-pickled lower-case collectives.
+Only small things travel pickled, with lower-case calls: phase spans, thread
+counts, error messages, and (for the figures) the finished run's summary and
+test-set predictions that rank 0 hands to rank 1.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ class MPILauncher(Launcher):
         """Scatter the training shards, train a member on every rank, gather its test probabilities."""
         comm = self.comm
         with timer.phase("scatter" if self.is_root else "wait"):
-            # The first collective after loading: the other ranks wait here for the root.
+            # Shapes first (tiny), so every rank can allocate its receive buffers.
             self.watch("broadcast of the test set")
             test_shape = comm.bcast(x_test.shape if self.is_root else None, root=0)
         with timer.phase("scatter"):

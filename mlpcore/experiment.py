@@ -22,7 +22,7 @@ from .config import config_dict
 from .data import download_mnist, load_mnist, shard_bounds
 from .ensemble import TrainSettings, hard_vote, soft_vote, train_member
 from .errors import MlpcoreError, UsageError
-from .metrics import accuracy, speedup
+from .metrics import accuracy, efficiency, speedup
 from .timing import PhaseTimer
 
 
@@ -323,8 +323,8 @@ def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_t
                  "final_train_loss": b["final_train_loss"],
                  "speedup_train": speedup(b["train_s"], parallel_train_s),
                  "speedup_end_to_end": speedup(total, parallel_total_s)}
-        entry["efficiency_train"] = entry["speedup_train"] / launcher.size
-        entry["efficiency_end_to_end"] = entry["speedup_end_to_end"] / launcher.size
+        entry["efficiency_train"] = efficiency(b["train_s"], parallel_train_s, launcher.size)
+        entry["efficiency_end_to_end"] = efficiency(total, parallel_total_s, launcher.size)
         timings["baselines"].append(entry)
         if i == 0:
             timings["baseline_train_s"], timings["baseline_total_s"] = b["train_s"], total
