@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from .errors import UsageError
+from .kernels import KERNELS
 
 STRATEGIES = ("ensemble", "allreduce", "localsgd")
 LAUNCHERS = ("auto", "mpi", "joblib", "serial")
@@ -120,6 +121,9 @@ def build_parser():
     model.add_argument("--dtype", choices=("float32", "float64"), default=None,
                        help="floating type; default float32 for numpy, float64 for sklearn")
     model.add_argument("--seed", type=int, default=0, help="base seed; worker r uses seed + r")
+    model.add_argument("--kernels", choices=KERNELS, default="auto",
+                       help="the elementwise work between the matrix products (numpy MLP): numba's fused "
+                            "loops or plain numpy; bitwise the same results, auto = numba if installed")
     model.add_argument("--vote", choices=VOTES, default="soft",
                        help="headline vote of the ensemble (both are reported)")
 

@@ -92,7 +92,7 @@ def train_member(rank, x, y, x_test, settings, timer):
         else:
             model, losses, _ = train_sequential(
                 x, y, hidden=settings.hidden, epochs=settings.epochs, batch_size=settings.batch_size,
-                seed=seed, dtype=dtype, lr=settings.lr, alpha=settings.alpha,
+                seed=seed, dtype=dtype, lr=settings.lr, alpha=settings.alpha, kernels=settings.kernels,
                 on_epoch=None if bar is None else (lambda epoch, loss: bar.update(1)),
                 checkpoint=None if settings.checkpoint is None else settings.checkpoint.for_rank(rank))
             if bar is not None:

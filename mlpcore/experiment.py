@@ -342,7 +342,7 @@ def _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_t
     for name, outcome in outcomes.items():
         compare[name] = {k: outcome.get(k) for k in ("accuracy", "comm", "final_train_loss", "overlap")}
         compare[name]["parallel_train_s"] = outcome["parallel_train_s"]
-    environment = _environment(launcher, headline)
+    environment = _environment(launcher, headline, args)
     return {
         "config": config_dict(args),
         "environment": environment,
@@ -368,11 +368,13 @@ def _warnings(env):
     return notes
 
 
-def _environment(launcher, headline):
+def _environment(launcher, headline, args):
     import importlib.metadata as md
 
+    from . import fpenv, kernels
+
     versions = {"python": platform.python_version()}
-    for pkg in ("numpy", "mpi4py", "mpich", "joblib", "threadpoolctl", "scikit-learn", "matplotlib"):
+    for pkg in ("numpy", "numba", "mpi4py", "mpich", "joblib", "threadpoolctl", "scikit-learn", "matplotlib"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -388,5 +390,10 @@ def _environment(launcher, headline):
                 "hostname": platform.node(), "platform": platform.platform(),
                 "blas": [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
                          for pool in threadpool_info() if pool.get("user_api") == "blas"],
-                "python_executable": sys.executable, "pid": os.getpid()})
+                "python_executable": sys.executable, "pid": os.getpid(),
+                # Which implementation did the elementwise work (same results, different speed),
+                # and whether denormal floats were flushed to zero while training.
+                "kernels": "n/a (scikit-learn)" if args.trainer == "sklearn" else
+                kernels.describe(kernels.get_kernels(args.kernels)),
+                "denormals": fpenv.status()})
     return env

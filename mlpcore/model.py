@@ -17,6 +17,11 @@ backprop are loops over layers. Two things make it fast:
 The maths follows scikit-learn so the two agree to within sampling noise:
 Glorot-uniform initialisation, the loss ``mean cross-entropy +
 alpha/2 * ||W||^2 / batch``, and the same Adam update.
+
+The matrix products are numpy's (BLAS); the elementwise work between them
+(bias + ReLU, the softmax and ReLU gradients, Adam) is done by
+:mod:`mlpcore.kernels`, plain numpy or fused numba loops with bitwise the same
+results.
 """
 
 from __future__ import annotations
@@ -26,15 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
+from .kernels import get_kernels
 
 
 @dataclass
 class _BatchBuffers:
     outputs: list      # each layer's activations (the last holds probabilities, then deltas)
     deltas: list       # dL/dz of each hidden layer
-    mask: list         # ReLU derivative of each hidden layer
     ones: np.ndarray   # for bias gradients as a matrix-vector product
-    row_offsets: np.ndarray  # flat index of each row's first class, to pick the true class
 
 
 class MLP:
@@ -48,6 +52,9 @@ class MLP:
         Floating type of parameters, gradients and activations.
     rng : numpy.random.Generator
         Source of the Glorot-uniform initial weights.
+    kernels : {"auto", "numba", "numpy"}, default "auto"
+        Implementation of the elementwise work (:func:`mlpcore.kernels.get_kernels`);
+        it changes the speed, not the results.
 
     Attributes
     ----------
@@ -63,12 +70,14 @@ class MLP:
         ``params[layer_slices[i]]`` holds layer ``i``'s weights then its bias.
     """
 
-    def __init__(self, layer_sizes, *, dtype=np.float32, rng):
+    def __init__(self, layer_sizes, *, dtype=np.float32, rng, kernels="auto"):
         sizes = [int(s) for s in layer_sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise UsageError(f"layer sizes must be at least two positive integers, got {layer_sizes!r}")
         self.layer_sizes = tuple(sizes)
         self.dtype = np.dtype(dtype)
+        self.kernels = get_kernels(kernels)
+        self.kernels.warm_up(self.dtype)
         n_layers = len(sizes) - 1
         counts = [sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(n_layers)]
         self.params = np.empty(sum(counts), dtype=self.dtype)
@@ -108,9 +117,7 @@ class MLP:
             self._batch_buffers[n] = _BatchBuffers(
                 outputs=[np.empty((n, s), dtype=self.dtype) for s in hidden_and_out],
                 deltas=[np.empty((n, s), dtype=self.dtype) for s in hidden_and_out[:-1]],
-                mask=[np.empty((n, s), dtype=self.dtype) for s in hidden_and_out[:-1]],
                 ones=np.ones(n, dtype=self.dtype),
-                row_offsets=np.arange(n) * self.layer_sizes[-1],
             )
         return self._batch_buffers[n]
 
@@ -133,11 +140,10 @@ class MLP:
         for i, (W, b) in enumerate(zip(self.coefs, self.intercepts)):
             Z = outputs[i]
             np.dot(activations[-1], W, out=Z)
-            Z += b
             if i < self.n_layers - 1:
-                np.maximum(Z, 0, out=Z)  # ReLU
+                self.kernels.bias_relu(Z, b)
             else:
-                _softmax_inplace(Z)
+                self.kernels.bias_softmax(Z, b)
             activations.append(Z)
         return activations
 
@@ -172,8 +178,7 @@ class MLP:
         buffers = self._buffers(n)
         deltas = buffers.deltas
         delta = activations[-1]  # softmax + cross-entropy: dL/dz = p - onehot(y), in place
-        delta.ravel()[buffers.row_offsets + y] -= 1
-        delta *= self.dtype.type(scale)
+        self.kernels.softmax_grad(delta, y, scale)
         for i in range(self.n_layers - 1, -1, -1):
             W_grad, start = self.coef_grads[i], self.layer_slices[i].start
             fan_in, fan_out = W_grad.shape
@@ -187,12 +192,9 @@ class MLP:
             yield self.layer_slices[i].stop
             if i > 0:
                 # Propagate to the layer below through W_i and the ReLU mask.
-                # Hidden activations are >= 0, so sign() is the 0/1 mask; a float
-                # multiply is several times faster than boolean indexing.
                 below = deltas[i - 1]
                 np.dot(delta, self.coefs[i].T, out=below)
-                np.sign(activations[i], out=buffers.mask[i - 1])
-                below *= buffers.mask[i - 1]
+                self.kernels.relu_grad(below, activations[i])
                 delta = below
 
     def gradient(self, X, y, scale=None):
@@ -201,7 +203,7 @@ class MLP:
         Returns the summed cross-entropy of the batch (before ``scale``).
         """
         activations = self.forward(X)
-        loss = cross_entropy_sum(activations[-1], y)
+        loss = self.kernels.cross_entropy_sum(activations[-1], y)
         for _ in self.backward(activations, y, 1.0 / len(y) if scale is None else scale):
             pass
         return loss
@@ -247,8 +249,8 @@ class Adam:
         self.t = 0
         self.M = np.zeros_like(model.params)
         self.V = np.zeros_like(model.params)
-        self._tmp = np.empty_like(model.params)
         self._coef_ranges = [(sl.start, sl.start + W.size) for sl, W in zip(model.layer_slices, model.coefs)]
+        self._ranges = {}
 
     def state(self):
         """Arrays and counters that, with the parameters, determine every later step."""
@@ -281,41 +283,21 @@ class Adam:
         self._eps = self.model.dtype.type(self.epsilon / root_1mb2)
 
     def update(self, start, stop):
-        """Update ``params[start:stop]`` from ``grads[start:stop]``, in place.
-
-        Plain numpy ufuncs with ``out=``: no temporaries beyond one work
-        buffer. (A BLAS ``axpy`` would save two passes, but scipy's is a
-        second OpenBLAS whose idle threads fight numpy's for the cores.)
-        """
+        """Update ``params[start:stop]`` from ``grads[start:stop]``, in place."""
         f = self.model.dtype.type
-        g, p = self.model.grads[start:stop], self.model.params[start:stop]
-        M, V, tmp = self.M[start:stop], self.V[start:stop], self._tmp[start:stop]
-        if self._l2:
-            for w_start, w_stop in self._coef_ranges:  # L2 on the weights, not the biases
-                lo, hi = max(start, w_start), min(stop, w_stop)
-                if lo < hi:
-                    w, l2_term = self.model.params[lo:hi], tmp[lo - start:hi - start]
-                    self.model.grads[lo:hi] += np.multiply(w, f(self._l2), out=l2_term)
-        M *= f(self.beta_1)
-        M += g
-        np.multiply(g, g, out=tmp)
-        V *= f(self.beta_2)
-        V += tmp
-        np.sqrt(V, out=tmp)
-        tmp += self._eps
-        np.divide(M, tmp, out=tmp)
-        tmp *= f(self._c)
-        p += tmp
+        sl = slice(start, stop)
+        self.model.kernels.adam(self.model.params[sl], self.model.grads[sl], self.M[sl], self.V[sl],
+                                self._weight_ranges(start, stop), f(self._l2), f(self.beta_1),
+                                f(self.beta_2), self._eps, f(self._c))
 
+    def _weight_ranges(self, start, stop):
+        """Where the weights (which get the L2 term; biases do not) lie in ``params[start:stop]``.
 
-def _softmax_inplace(Z):
-    Z -= Z.max(axis=1, keepdims=True)
-    np.exp(Z, out=Z)
-    Z /= Z.sum(axis=1, keepdims=True)
-
-
-def cross_entropy_sum(probs, y):
-    """Summed negative log-likelihood of the true classes (probabilities clipped as scikit-learn does)."""
-    p = probs.ravel()[np.arange(0, probs.size, probs.shape[1]) + y]
-    eps = np.finfo(probs.dtype).eps
-    return float(-np.log(np.clip(p, eps, 1 - eps)).sum())
+        An int array of ``[lo, hi)`` rows relative to ``start``; cached, as the
+        same ranges (data-parallel buckets) come back every step.
+        """
+        key = (start, stop)
+        if key not in self._ranges:
+            spans = [(max(start, lo) - start, min(stop, hi) - start) for lo, hi in self._coef_ranges]
+            self._ranges[key] = np.array(sorted(s for s in spans if s[0] < s[1]), dtype=np.int64).reshape(-1, 2)
+        return self._ranges[key]

@@ -179,7 +179,8 @@ def summary_table(results):
                      f"BLAS thread(s), {env['cores']} cores" + (" (OVERSUBSCRIBED)" if env["oversubscribed"] else "")),
         ("model", f"{results['data']['n_train']} train / {results['data']['n_test']} test, "
                   f"hidden {cfg['hidden']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
-                  f"{cfg['trainer']} {cfg['dtype']}"),
+                  f"{cfg['trainer']} {cfg['dtype']}"
+                  + (f", {env['kernels']} kernels" if env.get("kernels", "").split()[0] in ("numba", "numpy") else "")),
         ("parallel train", f"{t['parallel_train_s']:.3f} s (slowest worker)"),
         ("parallel end to end", f"{t['parallel_total_s']:.3f} s (load + distribute + train + combine)"),
     ]
@@ -243,6 +244,7 @@ def report_markdown(results, table, reports, figures):
              f"- launcher: {env['launcher']}, world size {env['world_size']}, cores {env['cores']}, "
              f"BLAS threads per worker {env['threads_per_worker']}",
              f"- MPI library: {env.get('mpi_library') or 'none'}",
+             f"- elementwise kernels: {env.get('kernels')}; denormals: {env.get('denormals')}",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), ""]
     for note in results["warnings"]:
         lines.append(f"> warning: {note}\n")

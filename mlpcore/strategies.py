@@ -278,7 +278,8 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
     # allreduce: the same seed everywhere, so every rank draws the same sample
     # order. localsgd: seed + rank, so the ranks' shards are shuffled differently.
     rng = np.random.default_rng(settings.seed if strategy == "allreduce" else settings.seed + rank)
-    model = MLP((x.shape[1], *settings.hidden, 10), dtype=np.dtype(settings.dtype), rng=rng)
+    model = MLP((x.shape[1], *settings.hidden, 10), dtype=np.dtype(settings.dtype), rng=rng,
+                kernels=settings.kernels)
     if initial_params is not None:
         model.params[...] = initial_params
     watch("bcast params")

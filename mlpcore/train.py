@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import to_float
-from .model import Adam, MLP, cross_entropy_sum
+from .fpenv import flush_denormals
+from .model import Adam, MLP
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,13 @@ class Hyperparams:
     alpha: float
     dtype: str
     seed: int
+    kernels: str = "auto"
 
     @classmethod
     def from_args(cls, args, **extra):
         """From the parsed command line; ``extra`` fills a subclass's own fields."""
         return cls(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   alpha=args.alpha, dtype=args.dtype, seed=args.seed, **extra)
+                   alpha=args.alpha, dtype=args.dtype, seed=args.seed, kernels=args.kernels, **extra)
 
 
 class LocalSync:
@@ -79,24 +80,22 @@ class LocalSync:
 class BatchLoader:
     """Turns rows of the uint8 training set into float batches without allocating."""
 
-    def __init__(self, x, dtype):
+    def __init__(self, x, dtype, kernels):
         self.x = x
         self.dtype = np.dtype(dtype)
-        self._u8 = {}
-        self._float = {}
+        self.kernels = kernels
+        self._batches = {}
 
     def __call__(self, rows):
         n = len(rows)
-        if n not in self._u8:
-            self._u8[n] = np.empty((n, self.x.shape[1]), dtype=self.x.dtype)
-            self._float[n] = np.empty((n, self.x.shape[1]), dtype=self.dtype)
-        # Gather the uint8 rows (a quarter of the bytes of float32), then scale:
-        # cheaper than gathering pre-scaled floats, and the same values.
-        np.take(self.x, rows, axis=0, out=self._u8[n])
-        return to_float(self._u8[n], self.dtype, out=self._float[n])
+        if n not in self._batches:
+            self._batches[n] = np.empty((n, self.x.shape[1]), dtype=self.dtype)
+        self.kernels.gather_scaled(self.x, rows, self._batches[n])
+        return self._batches[n]
 
 
-def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start_epoch=0, losses=()):
+def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start_epoch=0, losses=(),
+        flush=True):
     """Train ``model`` in place for ``epochs`` passes.
 
     Parameters
@@ -116,21 +115,31 @@ def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start
         and the sync's RNG must already hold that checkpoint's state).
     losses : sequence of float
         The losses of those ``start_epoch`` epochs, to which the new ones are added.
+    flush : bool, default True
+        Flush denormal floats to zero while training (:mod:`mlpcore.fpenv`);
+        False only to measure what that buys.
 
     Returns
     -------
     losses : list of float
         Mean training loss of each epoch, L2 penalty included.
     """
-    load = BatchLoader(x, model.dtype)
+    load = BatchLoader(x, model.dtype, model.kernels)
     y = np.ascontiguousarray(y, dtype=np.intp)
     losses = list(losses)
+    with flush_denormals(flush):
+        _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, losses)
+    sync.finish()
+    return losses
+
+
+def _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, losses):
     for epoch in range(start_epoch, epochs):
         loss_sum, n_seen = 0.0, 0
         for rows, global_batch in sync.batches(epoch):
             xb, yb = load(rows), y[rows]
             activations = model.forward(xb)
-            loss_sum += cross_entropy_sum(activations[-1], yb)
+            loss_sum += model.kernels.cross_entropy_sum(activations[-1], yb)
             n_seen += len(rows)
             for ready in model.backward(activations, yb, 1.0 / global_batch, chunk=sync.grad_chunk):
                 sync.on_grads_ready(ready)
@@ -139,19 +148,19 @@ def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start
         losses.append(loss)
         if on_epoch is not None:
             on_epoch(epoch, loss)
-    sync.finish()
-    return losses
 
 
 def train_sequential(x, y, *, hidden, epochs, batch_size, seed, dtype=np.float32, lr=1e-3, alpha=1e-4,
-                     n_classes=10, on_epoch=None, checkpoint=None):
+                     n_classes=10, on_epoch=None, checkpoint=None, kernels="auto", flush=True):
     """Train one MLP on ``(x, y)`` in this process; returns ``(model, losses, seconds)``.
 
     ``checkpoint``: a :class:`mlpcore.checkpoint.RankCheckpoint` to resume from
-    and to write every few epochs (None: neither).
+    and to write every few epochs (None: neither). ``kernels`` and ``flush``:
+    see :class:`mlpcore.model.MLP` and :func:`fit`. The seconds are those of
+    :func:`fit` alone (the kernels are compiled before).
     """
     rng = np.random.default_rng(seed)
-    model = MLP((x.shape[1], *hidden, n_classes), dtype=dtype, rng=rng)
+    model = MLP((x.shape[1], *hidden, n_classes), dtype=dtype, rng=rng, kernels=kernels)
     optimizer = Adam(model, lr=lr, alpha=alpha)
     start_epoch, done = 0, []
     if checkpoint is not None:
@@ -159,5 +168,5 @@ def train_sequential(x, y, *, hidden, epochs, batch_size, seed, dtype=np.float32
         on_epoch = checkpoint.saver(model, optimizer, rng, done, then=on_epoch)
     start = time.perf_counter()
     losses = fit(model, optimizer, x, y, epochs=epochs, sync=LocalSync(len(x), batch_size, rng),
-                 on_epoch=on_epoch, start_epoch=start_epoch, losses=done)
+                 on_epoch=on_epoch, start_epoch=start_epoch, losses=done, flush=flush)
     return model, losses, time.perf_counter() - start

@@ -14,7 +14,8 @@ import pytest
 
 from mlpcore.data import load_mnist, to_float
 from mlpcore.errors import UsageError
-from mlpcore.model import MLP, Adam, cross_entropy_sum
+from mlpcore.kernels import cross_entropy_sum
+from mlpcore.model import MLP, Adam
 from mlpcore.train import train_sequential
 
 GRAD_REL_TOL = 1e-6   # ||numerical - analytic|| / max(||numerical||, ||analytic||), float64
