@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlpcore.data import load_mnist, to_float  # noqa: E402
+from mlpcore.fpenv import status as denormal_status  # noqa: E402
+from mlpcore.kernels import describe, get_kernels  # noqa: E402
 from mlpcore.model import MLP, Adam  # noqa: E402
 from mlpcore.train import train_sequential  # noqa: E402
 
@@ -159,13 +161,14 @@ def gemm_rates(threads, size, quick):
 
 
 # -- 2. sequential trainers --------------------------------------------------------------
-def run_numpy(data, threads, epochs, x_test32):
+def run_numpy(data, threads, epochs, x_test32, kernels="auto", flush=True):
     with threadpool_limits(threads):
         used = blas_threads_now()
         model, losses, seconds = train_sequential(data.x_train, data.y_train, hidden=(HIDDEN,), epochs=epochs,
-                                                  batch_size=BATCH, seed=0, dtype=np.float32, lr=LR, alpha=ALPHA)
+                                                  batch_size=BATCH, seed=0, dtype=np.float32, lr=LR, alpha=ALPHA,
+                                                  kernels=kernels, flush=flush)
         acc = float(np.mean(model.predict(x_test32) == data.y_test))
-    return seconds, acc, used
+    return seconds, acc, used, model.params.copy()
 
 
 def run_sklearn(x_train, y_train, x_test, y_test, threads, epochs):
@@ -242,6 +245,8 @@ def main(argv=None):
     print(f"machine     : {cpu_model()}, {n_cores} cores visible (os.sched_getaffinity), {platform.platform()}")
     print(f"software    : python {platform.python_version()}, numpy {np.__version__}, "
           f"scikit-learn {sklearn.__version__}")
+    print(f"numpy MLP   : elementwise kernels {describe(get_kernels('auto'))} (default, --kernels auto); "
+          f"denormals {denormal_status()}")
     print(f"BLAS pools  : {'; '.join(blas_pools())}")
     print(f"load average: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start "
           f"(other processes on these {n_cores} cores slow every number below)")
@@ -302,6 +307,28 @@ def main(argv=None):
             print(f"   {label:<13} {r['threads']:>7} {fmt_stats(r['times']):>30} {rate / 1e9:>8.1f} "
                   f"{100 * rate / sq:>8.0f}% {100 * rate / mix:>5.0f}% {r['acc']:>9.4f} {ratio:>16}{note}")
     print("   (% sq GEMM / % mix: achieved rate over the square-sgemm / model-shape GEMM rate at the same threads)")
+    print()
+
+    # 2b. what each part of the numpy MLP's speed comes from (1 thread, the same seed: same model) ------
+    ablation = {}
+    if 1 in thread_counts:
+        variants = [("numpy kernels, denormals kept", "numpy", False),
+                    ("numpy kernels, denormals flushed", "numpy", True)]
+        if get_kernels("auto").name == "numba":
+            variants.append(("numba kernels, denormals flushed (default)", "numba", True))
+        print("2b. where the numpy MLP's speed comes from, 1 thread (same seed, so the same model each time):")
+        for label, kernels, flush in variants:
+            runs = [run_numpy(data, 1, epochs, x_test32, kernels=kernels, flush=flush) for _ in range(args.repeats)]
+            ablation[label] = runs
+            med_t = statistics.median([r[0] for r in runs])
+            print(f"   {label:<44} {fmt_stats([r[0] for r in runs]):>30} {flops / med_t / 1e9:>6.1f} GF/s "
+                  f"{100 * flops / med_t / sq_rate:>4.0f}% sq GEMM  accuracy {runs[0][1]:.4f}")
+        params = [runs[0][3] for runs in ablation.values()]
+        diff = float(np.max(np.abs(params[0] - params[1])))
+        print(f"   flushing changes the final weights by at most {diff:.1e} (values below 1.2e-38 become 0)")
+        if len(params) > 2:
+            print(f"   numba and numpy kernels give bitwise identical final weights: "
+                  f"{np.array_equal(params[1], params[2])}")
     if len(thread_counts) > 1 and max(thread_counts) > n_cores:
         print(f"   WARNING: {max(thread_counts)} threads > {n_cores} cores")
     print()

@@ -110,6 +110,24 @@ def test_mpi_joblib_and_serial_agree_for_the_same_seed(cli):
     np.testing.assert_allclose(losses[0], losses[2], rtol=1e-6)
 
 
+def test_numpy_kernels_give_the_same_predictions_and_are_recorded(cli):
+    """--kernels numpy (plain numpy) and the default (numba's fused loops): the same members, bit for bit."""
+    common = [*SMALL, "--threads", "1", "--jobs", "2", "--launcher", "serial"]
+    fused, plain = cli(common), cli([*common, "--kernels", "numpy"])
+    for res in (fused, plain):
+        assert_clean_success(res)
+    assert fused.results["environment"]["kernels"].startswith("numba ")
+    assert plain.results["environment"]["kernels"] == "numpy"
+    assert fused.results["environment"]["denormals"]
+    for res in (fused, plain):
+        assert f"kernels: {res.results['environment']['kernels']}" in (res.out_dir / "report.md").read_text()
+    with np.load(fused.out_dir / "predictions.npz") as a, np.load(plain.out_dir / "predictions.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert fused.results["metrics"] == plain.results["metrics"]
+
+
 def test_help_mentions_every_option():
     rc, out, err, _ = run_command([PYTHON, MPI_TRAIN, "--help"], timeout=60)
     assert rc == 0, err

@@ -3,6 +3,7 @@
 * gradients: central differences in float64, every parameter, tolerance below;
 * the flat-buffer layout (last layer first) and that the per-layer arrays are views;
 * Adam: the same steps as scikit-learn's ``AdamOptimizer``;
+* gradients and Adam with both kernel implementations (numpy and numba);
 * parity: test accuracy of mlpcore's MLP within 0.5 percentage points of
   scikit-learn's ``MLPClassifier`` with the same hyper-parameters.
 """
@@ -22,9 +23,12 @@ GRAD_REL_TOL = 1e-6   # ||numerical - analytic|| / max(||numerical||, ||analytic
 FD_STEP = 1e-6        # central-difference step
 
 
-def random_problem(sizes, n, seed):
+KERNELS = ["numpy", "numba"]  # both implementations of the elementwise work, against the same references
+
+
+def random_problem(sizes, n, seed, kernels="auto"):
     rng = np.random.default_rng(seed)
-    model = MLP(sizes, dtype=np.float64, rng=rng)
+    model = MLP(sizes, dtype=np.float64, rng=rng, kernels=kernels)
     X = rng.normal(size=(n, sizes[0]))
     y = rng.integers(0, sizes[-1], n)
     return model, X, y
@@ -57,11 +61,12 @@ def numerical_gradient(model, X, y, alpha, h=FD_STEP):
     return g
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("sizes", [(6, 5, 3), (7, 6, 5, 4), (5, 9, 3, 2), (4, 3, 3, 3, 5)])
 @pytest.mark.parametrize("alpha", [0.0, 1e-4, 0.5])
-def test_gradient_matches_finite_differences(sizes, alpha):
+def test_gradient_matches_finite_differences(sizes, alpha, kernels):
     """Every parameter of 1-, 2- and 3-hidden-layer nets: rel. error < 1e-6 in float64."""
-    model, X, y = random_problem(sizes, n=13, seed=sum(sizes))
+    model, X, y = random_problem(sizes, n=13, seed=sum(sizes), kernels=kernels)
     ana = analytic_gradient(model, X, y, alpha)
     num = numerical_gradient(model, X, y, alpha)
     rel = np.linalg.norm(num - ana) / max(np.linalg.norm(num), np.linalg.norm(ana))
@@ -162,8 +167,9 @@ def test_bad_layer_sizes(sizes):
         MLP(sizes, rng=np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("sizes,alpha", [((6, 5, 3), 1e-4), ((7, 6, 5, 4), 0.3), ((4, 8, 2), 0.0)])
-def test_adam_matches_scikit_learn(sizes, alpha):
+def test_adam_matches_scikit_learn(sizes, alpha, kernels):
     """Six steps with random gradients: parameters equal scikit-learn's AdamOptimizer to float64 rounding.
 
     scikit-learn's MLP adds ``alpha * W / n`` to the weight gradients before the
@@ -173,7 +179,7 @@ def test_adam_matches_scikit_learn(sizes, alpha):
     from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
 
     rng = np.random.default_rng(7)
-    model = MLP(sizes, dtype=np.float64, rng=rng)
+    model = MLP(sizes, dtype=np.float64, rng=rng, kernels=kernels)
     ref_params = [W.copy() for W in model.coefs] + [b.copy() for b in model.intercepts]
     n_layers = model.n_layers
     lr, batch = 3e-3, 17
@@ -194,11 +200,12 @@ def test_adam_matches_scikit_learn(sizes, alpha):
                                        err_msg=f"bias of layer {i}, step {step + 1}")
 
 
-def test_adam_in_buckets_equals_one_step():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_adam_in_buckets_equals_one_step(kernels):
     """begin_step + update over contiguous ranges (data-parallel buckets) == step()."""
     sizes = (6, 5, 4, 3)
-    one = MLP(sizes, dtype=np.float64, rng=np.random.default_rng(0))
-    parts = MLP(sizes, dtype=np.float64, rng=np.random.default_rng(0))
+    one = MLP(sizes, dtype=np.float64, rng=np.random.default_rng(0), kernels=kernels)
+    parts = MLP(sizes, dtype=np.float64, rng=np.random.default_rng(0), kernels=kernels)
     a_one, a_parts = Adam(one, alpha=0.1), Adam(parts, alpha=0.1)
     rng = np.random.default_rng(1)
     # Cut across weight/bias and layer edges: layer 2 holds [0, 15) (weights [0, 12)), layer 1 [15, 39).
