@@ -16,6 +16,7 @@ import numpy as np
 
 from .comm import WorkerOutput, repin_blas_threads
 from .data import to_float
+from .kernels import get_kernels
 from .train import Hyperparams, train_sequential
 
 
@@ -72,6 +73,21 @@ def hard_vote(probs):
     return np.where(is_top, summed, -np.inf).argmax(axis=1)
 
 
+def prepare_trainer(trainer, kernels, dtype):
+    """Import and compile what training needs, so that none of it is timed as training.
+
+    ``numpy``: numba's kernels are loaded from its cache (or compiled, the
+    first time); ``sklearn``: scikit-learn is imported. Both bring scipy, whose
+    own OpenBLAS arrives after this worker's BLAS threads were pinned, so the
+    pin is applied again.
+    """
+    if trainer == "sklearn":
+        import sklearn.neural_network  # noqa: F401
+    else:
+        get_kernels(kernels).warm_up(dtype)
+    repin_blas_threads()
+
+
 def train_member(rank, x, y, x_test, settings, timer):
     """Train one ensemble member on its shard and predict the test set.
 
@@ -80,10 +96,8 @@ def train_member(rank, x, y, x_test, settings, timer):
     """
     dtype = np.dtype(settings.dtype)
     seed = settings.seed + rank
-    if settings.trainer == "sklearn":
-        import sklearn.neural_network  # noqa: F401  (its import is not training time)
-
-        repin_blas_threads()  # scipy's OpenBLAS arrived with it, after this worker was pinned
+    with timer.phase("setup"):  # a no-op where experiment.run has done it already
+        prepare_trainer(settings.trainer, settings.kernels, dtype)
     bar = _epoch_bar(settings) if rank == 0 and settings.trainer != "sklearn" else None
     start = timer.now()
     with timer.phase("train"):

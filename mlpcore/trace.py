@@ -27,6 +27,7 @@ PHASE_COLORS = {
     "load": "#8c6d31",
     "wait": "#d9d9d9",
     "scatter": "#6baed6",
+    "setup": "#c7e9c0",
     "train": "#31a354",
     "compute": "#74c476",
     "comm": "#e6550d",

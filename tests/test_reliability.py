@@ -273,10 +273,17 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def kill_after_first_checkpoint(start_job, args, out):
-    """Start ``mpirun -n 2`` on ``args``, SIGKILL every process once a checkpoint exists."""
+def kill_after_first_checkpoint(start_job, args, out, every_rank=False):
+    """Start ``mpirun -n 2`` on ``args``, SIGKILL every process once a checkpoint exists.
+
+    ``every_rank``: wait until both ranks have written one (data-parallel runs
+    resume from the latest epoch *every* rank saved; killing between the two
+    ranks' writes would leave none).
+    """
     job = start_job([*args, "--out", out], 2)
-    job.wait_for(lambda: any((out / "checkpoints").glob("rank*.npz")), what="the first checkpoint")
+    wanted = 2 if every_rank else 1
+    job.wait_for(lambda: len(list((out / "checkpoints").glob("rank[0-9].npz"))) >= wanted,
+                 what="the first checkpoint" + (" of every rank" if every_rank else ""))
     job.kill_all()
     assert not (out / "results.json").exists(), "the run finished before it was killed: make it longer"
 
@@ -315,7 +322,7 @@ def test_data_parallel_run_killed_mid_training_resumes_to_the_same_result(tmp_pa
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "run"
-    kill_after_first_checkpoint(start_job, args, out)
+    kill_after_first_checkpoint(start_job, args, out, every_rank=True)
 
     res = run_cli([*args, "--resume", out], 2, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr
