@@ -30,6 +30,9 @@ from .errors import UsageError
 
 KERNELS = ("auto", "numba", "numpy")
 
+# The probability clip of the loss, per float type (np.finfo is slow to call every step).
+_EPS = {np.dtype(t).char: np.finfo(t).eps for t in (np.float32, np.float64)}
+
 
 def cross_entropy_sum(P, y):
     """Summed ``-log p[true class]`` of a batch, probabilities clipped to [eps, 1-eps] as scikit-learn does."""
@@ -178,7 +181,7 @@ class NumbaKernels:
         self._fns["relu_grad"](delta.reshape(-1), activation.reshape(-1))
 
     def cross_entropy_sum(self, P, y):
-        return float(self._fns["cross_entropy_sum"](P, y, P.dtype.type(np.finfo(P.dtype).eps)))
+        return float(self._fns["cross_entropy_sum"](P, y, _EPS[P.dtype.char]))
 
     def adam(self, p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c):
         self._fns["adam"](p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c)

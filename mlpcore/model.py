@@ -26,6 +26,7 @@ results.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -273,22 +274,22 @@ class Adam:
         completed, while later buckets are still in flight.
         """
         self.t += 1
-        self._l2 = self.alpha / batch_size
         # p -= lr_t * m / (sqrt(v) + eps), with lr_t scikit-learn's bias-corrected rate;
         # with m = (1 - b1) M and v = (1 - b2) V this is
         # p -= c * M / (sqrt(V) + eps / sqrt(1 - b2)),  c = lr_t (1 - b1) / sqrt(1 - b2).
-        lr_t = self.lr * np.sqrt(1 - self.beta_2 ** self.t) / (1 - self.beta_1 ** self.t)
-        root_1mb2 = np.sqrt(1 - self.beta_2)
-        self._c = -lr_t * (1 - self.beta_1) / root_1mb2
-        self._eps = self.model.dtype.type(self.epsilon / root_1mb2)
+        # (Python floats and math.sqrt: the same values as numpy's, ten times cheaper a step.)
+        lr_t = self.lr * math.sqrt(1 - self.beta_2 ** self.t) / (1 - self.beta_1 ** self.t)
+        root_1mb2 = math.sqrt(1 - self.beta_2)
+        f = self.model.dtype.type
+        # The step's scalars in the parameters' dtype: L2 strength, beta_1, beta_2, eps, c.
+        self._scalars = (f(self.alpha / batch_size), f(self.beta_1), f(self.beta_2),
+                         f(self.epsilon / root_1mb2), f(-lr_t * (1 - self.beta_1) / root_1mb2))
 
     def update(self, start, stop):
         """Update ``params[start:stop]`` from ``grads[start:stop]``, in place."""
-        f = self.model.dtype.type
         sl = slice(start, stop)
         self.model.kernels.adam(self.model.params[sl], self.model.grads[sl], self.M[sl], self.V[sl],
-                                self._weight_ranges(start, stop), f(self._l2), f(self.beta_1),
-                                f(self.beta_2), self._eps, f(self._c))
+                                self._weight_ranges(start, stop), *self._scalars)
 
     def _weight_ranges(self, start, stop):
         """Where the weights (which get the L2 term; biases do not) lie in ``params[start:stop]``.
