@@ -118,24 +118,15 @@ def cross_entropy_sum(P, y, eps):
     return total
 
 
-# The Adam loops run over range(size) of a view: with range(lo, hi) numba must
-# allow negative indices, and LLVM then leaves the loop unvectorised (4x slower).
+# Each Adam span is a loop over range(size) of a view: with range(lo, hi) numba
+# must allow negative indices, and LLVM then leaves the loop unvectorised (4x slower).
 @jit
-def adam_span(p, g, M, V, beta_1, beta_2, eps, c):
+def adam_span(p, g, M, V, l2, beta_1, beta_2, eps, c):
     for k in range(p.shape[0]):
         gk = g[k]
-        m = M[k] * beta_1 + gk
-        v = V[k] * beta_2 + gk * gk
-        M[k] = m
-        V[k] = v
-        p[k] += m / (np.sqrt(v) + eps) * c
-
-
-@jit
-def adam_span_l2(p, g, M, V, l2, beta_1, beta_2, eps, c):
-    for k in range(p.shape[0]):
-        gk = g[k] + p[k] * l2
-        g[k] = gk
+        if l2:  # loop-invariant: LLVM unswitches it, and both loops vectorise
+            gk += p[k] * l2
+            g[k] = gk
         m = M[k] * beta_1 + gk
         v = V[k] * beta_2 + gk * gk
         M[k] = m
@@ -146,16 +137,14 @@ def adam_span_l2(p, g, M, V, l2, beta_1, beta_2, eps, c):
 @jit
 def adam(p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c):
     # Weights get the L2 term, biases not: one pass over each span, in order.
+    no_l2 = l2 - l2  # zero, in l2's type
     done = 0
     for r in range(weight_ranges.shape[0]):
         lo, hi = weight_ranges[r, 0], weight_ranges[r, 1]
-        adam_span(p[done:lo], g[done:lo], M[done:lo], V[done:lo], beta_1, beta_2, eps, c)
-        if l2:
-            adam_span_l2(p[lo:hi], g[lo:hi], M[lo:hi], V[lo:hi], l2, beta_1, beta_2, eps, c)
-        else:
-            adam_span(p[lo:hi], g[lo:hi], M[lo:hi], V[lo:hi], beta_1, beta_2, eps, c)
+        adam_span(p[done:lo], g[done:lo], M[done:lo], V[done:lo], no_l2, beta_1, beta_2, eps, c)
+        adam_span(p[lo:hi], g[lo:hi], M[lo:hi], V[lo:hi], l2, beta_1, beta_2, eps, c)
         done = hi
-    adam_span(p[done:], g[done:], M[done:], V[done:], beta_1, beta_2, eps, c)
+    adam_span(p[done:], g[done:], M[done:], V[done:], no_l2, beta_1, beta_2, eps, c)
 
 
 KERNELS = {"gather_scaled": gather_scaled, "bias_relu": bias_relu, "bias_shift": bias_shift,
