@@ -47,12 +47,12 @@ def gather_scaled(x, rows, scale, out):
     # The rows are scattered over the whole training set, so each is a cache
     # and TLB miss: ask for the lines of row i + 2 while row i is converted.
     # A prefetch is only a hint; it changes no value.
-    flat, width, n = x.reshape(-1), x.shape[1], rows.shape[0]
+    n = rows.shape[0]
     for i in range(n):
         if i + 2 < n:
-            ahead = rows[i + 2] * width
-            for offset in range(0, width, 64):
-                prefetch(flat, ahead + offset)
+            ahead = x[rows[i + 2]]
+            for offset in range(0, ahead.shape[0], 64):
+                prefetch(ahead, offset)
         src, dst = x[rows[i]], out[i]
         for j in range(src.shape[0]):
             dst[j] = src[j] * scale
@@ -104,9 +104,10 @@ def softmax_grad(P, y, scale):
 @jit
 def relu_grad(delta, activation):
     for k in range(delta.shape[0]):
-        # delta * np.sign(a), numpy's sign: +0.0 for either zero, NaN for NaN.
-        a, d = activation[k], delta[k]
-        delta[k] = d if a > 0 else (-d if a < 0 else (d * a if a != a else d * 0))
+        # A multiply, as the reference's, so that a denormal delta is flushed the
+        # same way under FTZ/DAZ. (numba's sign(-0.0) is -0.0, numpy's +0.0: the
+        # product differs at most in the sign of a zero.)
+        delta[k] *= np.sign(activation[k])
 
 
 @jit
@@ -121,10 +122,10 @@ def cross_entropy_sum(P, y, eps):
 # Each Adam span is a loop over range(size) of a view: with range(lo, hi) numba
 # must allow negative indices, and LLVM then leaves the loop unvectorised (4x slower).
 @jit
-def adam_span(p, g, M, V, l2, beta_1, beta_2, eps, c):
+def adam_span(p, g, M, V, with_l2, l2, beta_1, beta_2, eps, c):
     for k in range(p.shape[0]):
         gk = g[k]
-        if l2:  # loop-invariant: LLVM unswitches it, and both loops vectorise
+        if with_l2:  # loop-invariant: LLVM unswitches it, and both loops vectorise
             gk += p[k] * l2
             g[k] = gk
         m = M[k] * beta_1 + gk
@@ -136,17 +137,16 @@ def adam_span(p, g, M, V, l2, beta_1, beta_2, eps, c):
 
 @jit
 def adam(p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c):
-    # Weights get the L2 term, biases not: one pass over each span, in order.
-    no_l2 = l2 - l2  # zero, in l2's type
-    done = 0
+    # Weights get the L2 term (if l2, as the reference), biases not: one pass over each span, in order.
+    done, with_l2 = 0, l2 != 0
     for r in range(weight_ranges.shape[0]):
         lo, hi = weight_ranges[r, 0], weight_ranges[r, 1]
-        adam_span(p[done:lo], g[done:lo], M[done:lo], V[done:lo], no_l2, beta_1, beta_2, eps, c)
-        adam_span(p[lo:hi], g[lo:hi], M[lo:hi], V[lo:hi], l2, beta_1, beta_2, eps, c)
+        adam_span(p[done:lo], g[done:lo], M[done:lo], V[done:lo], False, l2, beta_1, beta_2, eps, c)
+        adam_span(p[lo:hi], g[lo:hi], M[lo:hi], V[lo:hi], with_l2, l2, beta_1, beta_2, eps, c)
         done = hi
-    adam_span(p[done:], g[done:], M[done:], V[done:], no_l2, beta_1, beta_2, eps, c)
+    adam_span(p[done:], g[done:], M[done:], V[done:], False, l2, beta_1, beta_2, eps, c)
 
 
-KERNELS = {"gather_scaled": gather_scaled, "bias_relu": bias_relu, "bias_shift": bias_shift,
+FUNCTIONS = {"gather_scaled": gather_scaled, "bias_relu": bias_relu, "bias_shift": bias_shift,
            "normalise_rows": normalise_rows, "softmax_grad": softmax_grad, "relu_grad": relu_grad,
            "cross_entropy_sum": cross_entropy_sum, "adam": adam}

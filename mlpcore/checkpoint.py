@@ -51,7 +51,8 @@ FORMAT = 1
 # Options that may change between a run and its resumption: where and how
 # output is written, checkpointing itself, the watchdog. Every other option
 # decides what is trained and must be the same.
-MAY_DIFFER = ("out", "overwrite", "no_plots", "show", "quiet", "resume", "checkpoint_every", "stall_timeout")
+MAY_DIFFER = ("out", "overwrite", "no_plots", "show", "quiet", "resume", "checkpoint_every", "stall_timeout",
+              "kernels")  # numba and numpy kernels train the same model, bit for bit
 
 
 def fingerprint(args, world_size):

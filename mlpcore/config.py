@@ -123,7 +123,8 @@ def build_parser():
     model.add_argument("--seed", type=int, default=0, help="base seed; worker r uses seed + r")
     model.add_argument("--kernels", choices=KERNELS, default="auto",
                        help="the elementwise work between the matrix products (numpy MLP): numba's fused "
-                            "loops or plain numpy; bitwise the same results, auto = numba if installed")
+                            "loops or plain numpy; the same trained model bit for bit, auto = numba if it "
+                            "is installed")
     model.add_argument("--vote", choices=VOTES, default="soft",
                        help="headline vote of the ensemble (both are reported)")
 

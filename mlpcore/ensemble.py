@@ -96,7 +96,7 @@ def train_member(rank, x, y, x_test, settings, timer):
     """
     dtype = np.dtype(settings.dtype)
     seed = settings.seed + rank
-    with timer.phase("setup"):  # a no-op where experiment.run has done it already
+    with timer.phase("setup"):  # instant where experiment.run has done it already (MPI ranks)
         prepare_trainer(settings.trainer, settings.kernels, dtype)
     bar = _epoch_bar(settings) if rank == 0 and settings.trainer != "sklearn" else None
     start = timer.now()

@@ -69,6 +69,7 @@ def _run(launcher, timer, args):
             elapsed[name] = timer.now() - started
         # End to end = load + the headline strategy (with --compare the others ran too).
         parallel_total_s = loaded_at - load_started + elapsed[args.strategy]
+        parallel_started_at = load_started  # on the run's clock, for the timeline
 
         reporter = _reporter_rank(launcher, args)
         baselines = _baselines(launcher, data, args, timer, reporter)
@@ -78,6 +79,7 @@ def _run(launcher, timer, args):
         if not launcher.is_root:
             return None
         results = _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_total_s)
+        results["timings"]["parallel_started_at_s"] = parallel_started_at
         if plan is not None and args.resume:
             results["resumed_from_epoch"] = list(plan.start_epochs)
         with timer.phase("report"):
@@ -94,8 +96,10 @@ def _setup_error(args):
     """Prepare this process's trainer (:func:`mlpcore.ensemble.prepare_trainer`); the error, if any."""
     try:
         prepare_trainer(args.trainer, args.kernels, np.dtype(args.dtype))
-    except UsageError as exc:
+    except MlpcoreError as exc:
         return exc
+    except Exception as exc:  # e.g. numba failing to compile for this dtype: on one rank, so say it on all
+        return MlpcoreError(f"preparing the {args.trainer} trainer: {type(exc).__name__}: {exc}")
     return None
 
 

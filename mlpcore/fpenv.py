@@ -23,7 +23,6 @@ aarch64. Elsewhere the block runs unchanged and :func:`status` says so.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import sys
 from contextlib import contextmanager
@@ -51,11 +50,9 @@ def _platform():
                "aarch64": (_FenvAarch64, "fpcr", _FPCR_FZ), "arm64": (_FenvAarch64, "fpcr", _FPCR_FZ)}
     if machine not in layouts:
         return f"not supported on {machine}"
-    name = ctypes.util.find_library("m")
-    if name is None:
-        return "libm not found"
     try:
-        libm = ctypes.CDLL(name)
+        # glibc's soname; find_library would run ldconfig in a subprocess at import.
+        libm = ctypes.CDLL("libm.so.6")
         libm.fegetenv, libm.fesetenv  # noqa: B018 -- both must exist
     except (OSError, AttributeError) as exc:
         return f"fegetenv/fesetenv unavailable ({exc})"
@@ -66,7 +63,7 @@ _PLATFORM = _platform()
 
 
 def status():
-    """How :func:`flush_denormals` acts here: ``"flushed (FTZ/DAZ)"`` or the reason it does nothing."""
+    """How :func:`flush_denormals` acts here, for reports: "flushed to zero ..." or "not flushed: <why>"."""
     if isinstance(_PLATFORM, str):
         return f"not flushed: {_PLATFORM}"
     return "flushed to zero on the training thread (FTZ/DAZ)" if _PLATFORM[1] == "mxcsr" else \
@@ -92,7 +89,9 @@ def flush_denormals(enabled=True):
         return
     flushed = fenv_type.from_buffer_copy(saved)
     setattr(flushed, field, getattr(saved, field) | bits)
-    libm.fesetenv(ctypes.byref(flushed))
+    if libm.fesetenv(ctypes.byref(flushed)) != 0:  # nothing changed: run the block as it is
+        yield
+        return
     try:
         yield
     finally:

@@ -30,7 +30,7 @@ from .errors import UsageError
 
 KERNELS = ("auto", "numba", "numpy")
 
-# The probability clip of the loss, per float type (np.finfo is slow to call every step).
+# The probability clip of the loss, per float type (looked up once, not every step).
 _EPS = {np.dtype(t).char: np.finfo(t).eps for t in (np.float32, np.float64)}
 
 
@@ -50,11 +50,11 @@ class NumpyKernels:
         self._scratch = {}
 
     def _buffer(self, key, shape, dtype):
-        """A work array of this shape, reused while callers ask for the same one."""
-        buf = self._scratch.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._scratch[key] = np.empty(shape, dtype=dtype)
-        return buf
+        """A work array of this shape and dtype, allocated once and reused."""
+        key = (key, shape, np.dtype(dtype).char)
+        if key not in self._scratch:
+            self._scratch[key] = np.empty(shape, dtype=dtype)
+        return self._scratch[key]
 
     def _vector(self, key, n, dtype):
         """A 1-d work array of ``n`` values, grown as needed (Adam's slices vary in size)."""
@@ -145,7 +145,7 @@ class NumbaKernels:
         from . import _numba_kernels
 
         self.version = numba.__version__
-        self._fns = _numba_kernels.KERNELS
+        self._fns = _numba_kernels.FUNCTIONS
 
     def warm_up(self, dtype):
         """Compile (or load from numba's on-disk cache) the kernels for ``dtype`` now, not in a timed step."""
@@ -153,6 +153,8 @@ class NumbaKernels:
         x = np.zeros((2, 3), dtype=np.uint8)
         Z, v = np.zeros((2, 3), dtype=f), np.zeros(3, dtype=f)
         y = np.zeros(2, dtype=np.intp)
+        self.gather_scaled(x, np.zeros(2, dtype=np.intp), Z)
+        x.flags.writeable = False  # numba types read-only arrays apart: joblib hands workers read-only memmaps
         self.gather_scaled(x, np.zeros(2, dtype=np.intp), Z)
         self.bias_relu(Z, v)
         self.bias_softmax(Z, v)
@@ -234,7 +236,7 @@ def describe(kernels):
 if __name__ == "__main__":
     # `python -m mlpcore.kernels`: compile the numba kernels into numba's cache
     # once (the Makefile does it after installing), so no run pays for it.
+    chosen = get_kernels("auto")
     for dtype in (np.float32, np.float64):
-        chosen = get_kernels("auto")
         chosen.warm_up(dtype)
     print(f"mlpcore kernels: {describe(chosen)} (float32 and float64 ready)")

@@ -6,9 +6,9 @@ backprop are loops over layers. Two things make it fast:
 
 * every parameter lives in one flat float buffer (``MLP.params``) and every
   gradient in another (``MLP.grads``); the per-layer ``coefs`` / ``intercepts``
-  lists are views into them. Adam then runs a handful of vectorised passes over
-  one array instead of a loop over layers, and a gradient allreduce sends one
-  buffer (or contiguous buckets of it) with no packing.
+  lists are views into them. Adam then makes one pass over one array instead
+  of a loop over layers, and a gradient allreduce sends one buffer (or
+  contiguous buckets of it) with no packing.
 * the flat buffers store the layers **last layer first**, the order in which
   backprop produces their gradients. A prefix of ``grads`` is therefore final
   as soon as backprop has passed it, which is what overlapped communication

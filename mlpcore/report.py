@@ -180,7 +180,7 @@ def summary_table(results):
         ("model", f"{results['data']['n_train']} train / {results['data']['n_test']} test, "
                   f"hidden {cfg['hidden']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
                   f"{cfg['trainer']} {cfg['dtype']}"
-                  + (f", {env['kernels']} kernels" if env.get("kernels", "").split()[0] in ("numba", "numpy") else "")),
+                  + (f", {env['kernels']} kernels" if env.get("kernels", "").startswith(("numba", "numpy")) else "")),
         ("parallel train", f"{t['parallel_train_s']:.3f} s (slowest worker)"),
         ("parallel end to end", f"{t['parallel_total_s']:.3f} s (load + distribute + train + combine)"),
     ]

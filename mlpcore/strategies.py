@@ -25,6 +25,7 @@ import numpy as np
 from .comm import blas_threads
 from .data import shard_bounds, to_float
 from .errors import UsageError
+from .fpenv import flush_denormals
 from .model import Adam, MLP
 from .train import Hyperparams, LocalSync, fit
 
@@ -152,11 +153,14 @@ class AllreduceSync(LocalSync):
         self._thread.start()
 
     def _comm_loop(self):
-        while (bucket := self._queue.get()) is not None:
-            start, stop = bucket
-            # mpi4py releases the GIL in here, so backprop goes on in the main thread.
-            self._thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-            self._bucket_done.release()
+        # MPI sums the buckets on this thread: flush denormals here too, as training
+        # does on the main thread, so that every overlap mode computes the same sums.
+        with flush_denormals():
+            while (bucket := self._queue.get()) is not None:
+                start, stop = bucket
+                # mpi4py releases the GIL in here, so backprop goes on in the main thread.
+                self._thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+                self._bucket_done.release()
 
     def end_epoch(self, loss_sum, n_seen):
         self.watch("epoch loss")

@@ -150,7 +150,8 @@ def chrome_trace(results):
         trace.append({"ph": "X", "name": ev.name, "cat": "phase", "pid": 0, "tid": ev.tid,
                       "ts": ts, "dur": _microseconds(ev.end) - ts, "args": {"rank": ev.rank}})
     other = {"strategy": config.get("strategy"), "world_size": env.get("world_size"),
-             "parallel_total_s": (results.get("timings") or {}).get("parallel_total_s")}
+             "parallel_total_s": (results.get("timings") or {}).get("parallel_total_s"),
+             "parallel_ends_at_s": _parallel_end(results)}
     return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": other}
 
 
@@ -205,7 +206,7 @@ def gantt(plt, path, results, title=None, dpi=110):
         y0, height = _bar_band(ev.rank, ev.level, depth)
         ax.broken_barh([(ev.start, ev.end - ev.start)], (y0, height), facecolors=phase_color(ev.name),
                        edgecolor="white" if ev.level == 0 else "none", linewidth=0.4)
-    total = (results.get("timings") or {}).get("parallel_total_s")
+    total = _parallel_end(results)
     if total:
         ax.axvline(total, color="black", linestyle="--", linewidth=0.8)
     ax.set_yticks(range(n_ranks), [f"rank {r}" for r in range(n_ranks)])
@@ -232,6 +233,18 @@ def _bar_band(rank, level, depth):
     # The deeper levels share the bottom 40% of the row, one thin strip each.
     strip = 0.32 / depth
     return rank + 0.4 - strip * (depth - level + 1), strip
+
+
+def _parallel_end(results):
+    """When the timed parallel part ended, in seconds since the run started (None if unknown).
+
+    It starts with the load, after every rank's setup (imports, kernels), and
+    lasts ``parallel_total_s``.
+    """
+    timings = results.get("timings") or {}
+    if timings.get("parallel_total_s") is None:
+        return None
+    return timings.get("parallel_started_at_s", 0.0) + timings["parallel_total_s"]
 
 
 def _legend_handles(events, Patch, total):

@@ -81,7 +81,7 @@ class BatchLoader:
     """Turns rows of the uint8 training set into float batches without allocating."""
 
     def __init__(self, x, dtype, kernels):
-        self.x = x
+        self.x = np.ascontiguousarray(x)  # a copy only if it is not contiguous already
         self.dtype = np.dtype(dtype)
         self.kernels = kernels
         self._batches = {}

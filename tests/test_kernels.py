@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mlpcore import fpenv
-from mlpcore.kernels import NumbaKernels, NumpyKernels, get_kernels
+from mlpcore.kernels import NumpyKernels, get_kernels
 from mlpcore.model import MLP, Adam
 from mlpcore.train import train_sequential
 
@@ -189,3 +189,26 @@ def test_adam_with_l2_on_dead_inputs_makes_denormals_unless_flushed(kernels):
         counts[flush] = int(np.sum((state != 0) & (np.abs(state) < TINY32)))
     assert counts[False] > 0, "the scenario no longer produces denormals; the test proves nothing"
     assert counts[True] == 0
+
+
+@needs_fpenv
+def test_kernels_agree_on_denormal_inputs_while_flushing(pair):
+    """Under FTZ/DAZ (as in training) a denormal input becomes zero in both implementations alike.
+
+    (BLAS worker threads do not flush, so a gradient can arrive denormal.)
+    """
+    rng = np.random.default_rng(4)
+    delta = (rng.normal(size=(6, 7)) * TINY32).astype(np.float32)  # mostly denormal
+    activation = np.abs(rng.normal(size=(6, 7))).astype(np.float32)
+    activation[0, :3] = [0.0, np.nan, 2.0]
+    Z = rng.normal(size=(6, 7)).astype(np.float32)
+    Z[1, :4] = TINY32 / 4
+    b = np.zeros(7, dtype=np.float32)
+    p, g, M, V = (rng.normal(size=50).astype(np.float32) * np.float32(TINY32) for _ in range(4))
+    f = np.float32
+    with fpenv.flush_denormals():
+        assert_bitwise(both("relu_grad", pair, delta, activation))
+        assert_bitwise(both("bias_relu", pair, Z, b))
+        assert_bitwise(both("softmax_grad", pair, delta, np.arange(6) % 7, 0.5))
+        assert_bitwise(both("adam", pair, p, g, M, np.abs(V), np.array([[0, 30]], dtype=np.int64),
+                            f(1e-4), f(0.9), f(0.999), f(1e-8), f(-1e-3)))
