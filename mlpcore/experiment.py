@@ -69,7 +69,6 @@ def _run(launcher, timer, args):
             elapsed[name] = timer.now() - started
         # End to end = load + the headline strategy (with --compare the others ran too).
         parallel_total_s = loaded_at - load_started + elapsed[args.strategy]
-        parallel_started_at = load_started  # on the run's clock, for the timeline
 
         reporter = _reporter_rank(launcher, args)
         baselines = _baselines(launcher, data, args, timer, reporter)
@@ -79,7 +78,7 @@ def _run(launcher, timer, args):
         if not launcher.is_root:
             return None
         results = _results(args, launcher, data, outcomes, baselines, timer, spans, parallel_total_s)
-        results["timings"]["parallel_started_at_s"] = parallel_started_at
+        results["timings"]["parallel_started_at_s"] = load_started  # on the run's clock, for the timeline
         if plan is not None and args.resume:
             results["resumed_from_epoch"] = list(plan.start_epochs)
         with timer.phase("report"):
