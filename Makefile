@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e ".[mpi,test]"
-	$(VENV)/bin/python -m mlpcore.kernels
+	$(VENV)/bin/python -m mlpcore.nn.kernels
 	touch $@
 
 .PHONY: setup run test

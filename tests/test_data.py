@@ -1,5 +1,6 @@
-"""Tests of mlpcore.data: real files in tmp_path and a real local HTTP server."""
+"""Tests of mlpcore.data (mnist, download, shards): real files in tmp_path and a real local HTTP server."""
 
+import ast
 import functools
 import gzip
 import hashlib
@@ -9,6 +10,7 @@ import socket
 import struct
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mlpcore import data
+from mlpcore.data import download as data_download
+from mlpcore.data import mnist as data_mnist
 from mlpcore.data import (
     MNIST,
     download_mnist,
@@ -26,10 +30,12 @@ from mlpcore.data import (
     validate_arrays,
 )
 from mlpcore.errors import DataError, UsageError
+from mlpcore.fsio import FILE_MODE
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-SHIPPED = data.SHIPPED_PATH  # kept before any test hides it
+# load_mnist reads SHIPPED_PATH from mlpcore.data.mnist at call time: tests patch it there.
+SHIPPED = data_mnist.SHIPPED_PATH  # kept before any test hides it
 
 
 # --- Fixtures and helpers ---------------------------------------------------
@@ -69,7 +75,7 @@ def no_default_data(monkeypatch, tmp_path):
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("KERAS_HOME", raising=False)
-    monkeypatch.setattr(data, "SHIPPED_PATH", tmp_path / "absent" / "mnist.npz")
+    monkeypatch.setattr(data_mnist, "SHIPPED_PATH", tmp_path / "absent" / "mnist.npz")
     return home
 
 
@@ -95,6 +101,37 @@ def test_shipped_copy_loads(mnist):
     assert np.bincount(mnist.y_test).tolist() == TEST_COUNTS
     assert mnist.origin == f"{SHIPPED} (shipped copy)"
     assert "n_train=60000" in repr(mnist)
+
+
+def test_shipped_copy_is_package_data():
+    # Found with importlib.resources, so an installed wheel finds its own copy.
+    assert SHIPPED == (Path(data.__file__).resolve().parent / "mnist.npz")
+    assert SHIPPED.is_file()
+    assert data.SHIPPED_PATH == SHIPPED
+    assert (SHIPPED.parent / "README.md").is_file()
+
+
+def test_the_data_wing_imports_only_errors_and_fsio_from_mlpcore():
+    allowed = {"errors", "fsio"}
+    problems = []
+    for path in sorted(Path(data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                names = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if not node.module.startswith("mlpcore"):
+                    continue
+                parts = node.module.split(".")
+                if parts[:2] == ["mlpcore", "data"]:
+                    continue
+                names = [parts[1] if len(parts) > 1 else "(mlpcore itself)"]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("mlpcore.") and not a.name.startswith("mlpcore.data")]
+            else:
+                continue
+            problems += [f"{path.name}: {n}" for n in names if n.split(".")[0] not in allowed]
+    assert not problems, problems
 
 
 def test_limits_take_the_first_samples(mnist):
@@ -138,7 +175,7 @@ def test_checksum_mismatch_of_a_shipped_like_copy(tmp_path, monkeypatch):
         arrays = {key: npz[key] for key in npz.files}
     arrays["x_test"][123, 4, 5] ^= 1  # a single bit
     modified = save_npz(tmp_path / "mnist.npz", **arrays)
-    monkeypatch.setattr(data, "SHIPPED_PATH", modified)
+    monkeypatch.setattr(data_mnist, "SHIPPED_PATH", modified)
     msg = assert_data_error(
         "x_test sha256 mismatch: expected 6d87418d.*; the file is corrupt or not "
         "canonical MNIST", load_mnist,
@@ -183,7 +220,7 @@ def test_keras_home_is_honoured(no_default_data, monkeypatch, tmp_path):
 
 def test_no_data_anywhere(no_default_data):
     msg = assert_data_error("no MNIST data found", load_mnist)
-    assert str(data.SHIPPED_PATH) in msg
+    assert str(data_mnist.SHIPPED_PATH) in msg
     assert str(no_default_data / ".keras" / "datasets" / "mnist.npz") in msg
     assert "--download" in msg and "--data PATH" in msg
 
@@ -547,6 +584,42 @@ def test_download_success(tmp_path, served_npz):
     assert sha256_of(dest) == sha
     assert sorted(p.name for p in dest.parent.iterdir()) == ["mnist.npz"]
     assert load_mnist(dest).n_train == 12
+
+
+def test_download_is_readable_by_others(tmp_path, served_npz):
+    # Written through mlpcore.fsio.atomic_path, with its FILE_MODE (not mkstemp's 0600).
+    url, sha = served_npz
+    dest = download_mnist(tmp_path / "mnist.npz", url=url, sha256=sha, progress=False)
+    assert dest.stat().st_mode & 0o777 == FILE_MODE
+
+
+def test_interrupted_download_leaves_nothing(tmp_path, served_npz, monkeypatch):
+    url, sha = served_npz
+    real_fetch = data_download._fetch
+
+    def fetch_then_interrupt(url, f, **kwargs):
+        real_fetch(url, f, **kwargs)  # a complete temporary file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_download, "_fetch", fetch_then_interrupt)
+    dest = tmp_path / "dest" / "mnist.npz"
+    with pytest.raises(KeyboardInterrupt):
+        download_mnist(dest, url=url, sha256=sha, progress=False)
+    assert list(dest.parent.iterdir()) == []
+    dest.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        download_mnist(dest, url=url, sha256=sha, progress=False)
+    assert [p.name for p in dest.parent.iterdir()] == ["mnist.npz"]
+    assert dest.read_bytes() == b"old"
+
+
+def test_download_to_an_unwritable_place(tmp_path, served_npz):
+    url, sha = served_npz
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    msg = assert_data_error("cannot write the download to", download_mnist,
+                            blocker / "mnist.npz", url=url, sha256=sha, progress=False)
+    assert str(blocker / "mnist.npz") in msg
 
 
 def test_download_default_dest_and_env_url(no_default_data, served_npz, monkeypatch):

@@ -1,4 +1,4 @@
-"""The scaling study (mlpcore/scaling.py, scripts/scaling.py) and the run trace (mlpcore/trace.py).
+"""The scaling study (mlpcore/study/, scripts/scaling.py) and the run trace (mlpcore/report/trace.py).
 
 The maths is checked on numbers with known answers; the trace, ``--from`` and a
 tiny sweep are checked on real files, the MPI ones under a real ``mpirun``
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import MPI_TRAIN, PYTHON, REPO, cli_env, mpirun_path, run_command
-from mlpcore import scaling, trace
+from mlpcore.errors import UsageError
+from mlpcore.report import trace
+from mlpcore.study import figures, laws, sweep, table
 
 SCRIPT = REPO / "scripts" / "scaling.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,30 +35,30 @@ def assert_png(path):
 @pytest.mark.parametrize("f", [0.0, 0.03, 0.1, 0.5])
 def test_amdahl_fit_recovers_the_serial_fraction(f):
     ranks = [1, 2, 4, 8, 16]
-    assert scaling.fit_amdahl(ranks, scaling.amdahl_speedup(ranks, f)) == pytest.approx(f, abs=1e-6)
+    assert laws.fit_amdahl(ranks, laws.amdahl_speedup(ranks, f)) == pytest.approx(f, abs=1e-6)
 
 
 def test_amdahl_fit_uses_repeats_and_stays_in_bounds():
     ranks = [1, 1, 2, 2, 4, 4]
-    noisy = scaling.amdahl_speedup(ranks, 0.2) * np.array([1.02, 0.98, 1.03, 0.97, 1.01, 0.99])
-    assert scaling.fit_amdahl(ranks, noisy) == pytest.approx(0.2, abs=0.02)
-    assert scaling.fit_amdahl([2, 4], [2.5, 5.0]) == pytest.approx(0.0, abs=1e-9)  # superlinear
-    assert scaling.fit_amdahl([2, 4], [0.5, 0.4]) == pytest.approx(1.0, abs=1e-9)  # slower than serial
-    assert math.isnan(scaling.fit_amdahl([1, 1], [1.0, 1.0]))                     # nothing to fit
+    noisy = laws.amdahl_speedup(ranks, 0.2) * np.array([1.02, 0.98, 1.03, 0.97, 1.01, 0.99])
+    assert laws.fit_amdahl(ranks, noisy) == pytest.approx(0.2, abs=0.02)
+    assert laws.fit_amdahl([2, 4], [2.5, 5.0]) == pytest.approx(0.0, abs=1e-9)  # superlinear
+    assert laws.fit_amdahl([2, 4], [0.5, 0.4]) == pytest.approx(1.0, abs=1e-9)  # slower than serial
+    assert math.isnan(laws.fit_amdahl([1, 1], [1.0, 1.0]))                     # nothing to fit
 
 
 def test_gustafson_fit_recovers_the_serial_fraction():
     ranks = [1, 2, 4, 8]
-    assert scaling.fit_gustafson(ranks, scaling.gustafson_speedup(ranks, 0.15)) == pytest.approx(0.15, abs=1e-12)
+    assert laws.fit_gustafson(ranks, laws.gustafson_speedup(ranks, 0.15)) == pytest.approx(0.15, abs=1e-12)
 
 
 def test_karp_flatt_on_known_numbers():
-    assert scaling.karp_flatt(1.6, 2) == 0.25
-    assert scaling.karp_flatt(4.0, 4) == 0.0          # ideal speed-up: no serial part
-    assert math.isnan(scaling.karp_flatt(1.0, 1))     # undefined at one rank
+    assert laws.karp_flatt(1.6, 2) == 0.25
+    assert laws.karp_flatt(4.0, 4) == 0.0          # ideal speed-up: no serial part
+    assert math.isnan(laws.karp_flatt(1.0, 1))     # undefined at one rank
     # On speed-ups that follow Amdahl's law exactly, e is the law's f at every N.
     ranks = np.array([2, 4, 8, 16])
-    assert scaling.karp_flatt(scaling.amdahl_speedup(ranks, 0.1), ranks) == pytest.approx([0.1] * 4, abs=1e-12)
+    assert laws.karp_flatt(laws.amdahl_speedup(ranks, 0.1), ranks) == pytest.approx([0.1] * 4, abs=1e-12)
 
 
 def _results(spans, per_rank, **timings):
@@ -71,7 +73,7 @@ def test_phase_breakdown_splits_the_parallel_time():
                  "gather_s": 0.1, "comm_exposed_s": 0.5},
                 {"rank": 1, "wait_s": 1.6, "train_s": 2.0, "predict_s": 0.2, "scatter_s": 0.5,
                  "gather_s": 0.5, "comm_exposed_s": 0.5}]
-    parts = scaling.phase_breakdown(_results([[], []], per_rank))
+    parts = table.phase_breakdown(_results([[], []], per_rank))
     assert parts == pytest.approx({"load_scatter_s": 1.5, "compute_s": 2.2, "comm_exposed_s": 0.5,
                                    "imbalance_s": 0.5, "gather_vote_s": 0.2})
     # Each rank's phases add up to the same wall time, so the average does too.
@@ -140,7 +142,7 @@ def synthetic_rows():
     for strategy, f in (("ensemble", 0.1), ("allreduce", 0.3)):
         for repeat, noise in enumerate((0.97, 1.03)):
             for n in (1, 2, 4):
-                speedup = float(scaling.amdahl_speedup(n, f)) * noise
+                speedup = float(laws.amdahl_speedup(n, f)) * noise
                 par = 10.0 / speedup
                 rows.append({"strategy": strategy, "ranks": n, "repeat": repeat, "weak": False,
                              "n_train": 60000, "n_test": 10000, "epochs": 3, "hidden": "128", "threads": 1,
@@ -148,7 +150,7 @@ def synthetic_rows():
                              "parallel_total_s": par + 1.0, "baseline_train_s": 10.0, "baseline_total_s": 11.0,
                              "speedup": speedup, "efficiency": speedup / n,
                              "speedup_end_to_end": 11.0 / (par + 1.0),
-                             "karp_flatt": scaling.karp_flatt(speedup, n) if n > 1 else float("nan"),
+                             "karp_flatt": laws.karp_flatt(speedup, n) if n > 1 else float("nan"),
                              "accuracy": 0.97 - 0.01 * n, "baseline_accuracy": 0.97,
                              "load_scatter_s": 0.6, "compute_s": par * 0.9, "comm_exposed_s": par * 0.05,
                              "imbalance_s": par * 0.05, "gather_vote_s": 0.1,
@@ -158,8 +160,8 @@ def synthetic_rows():
 
 def test_table_round_trip(tmp_path):
     rows = synthetic_rows()
-    path = scaling.write_table(rows, tmp_path, meta={"command": "test"})
-    back = scaling.read_table(path)
+    path = table.write_table(rows, tmp_path, meta={"command": "test"})
+    back = table.read_table(path)
     assert len(back) == len(rows)
     for a, b in zip(rows, back):
         for key, value in a.items():
@@ -171,11 +173,11 @@ def test_table_round_trip(tmp_path):
 
 
 def test_from_replots_without_running_anything(tmp_path):
-    table = tmp_path / "sweep"
-    table.mkdir()
-    csv_path = scaling.write_table(synthetic_rows(), table)
+    table_dir = tmp_path / "sweep"
+    table_dir.mkdir()
+    csv_path = table.write_table(synthetic_rows(), table_dir)
     # The timeline's run (largest N of the first strategy, first repeat), with a phase no one knows.
-    run = table / "runs" / "ensemble-n4-r0"
+    run = table_dir / "runs" / "ensemble-n4-r0"
     run.mkdir(parents=True)
     spans = [[["load", 0, 1], ["train", 1, 3], ["compute", 1, 2], ["comm", 2, 3], ["checkpoint", 3, 3.2]]] * 4
     (run / "results.json").write_text(json.dumps(_results(spans, [])))
@@ -193,34 +195,34 @@ def test_from_replots_without_running_anything(tmp_path):
                                         timeout=120, env=env)
     assert rc == 0, stderr[-3000:]
     assert not marker.exists(), "--from started mpirun"
-    for name in scaling.FIGURES:
+    for name in figures.FIGURES:
         assert_png(out / name)
     report = (out / "report.md").read_text()
     assert "| ensemble | 4 (over) | 2 |" in report and "Amdahl serial fraction" in report
     assert "allreduce: fitted Amdahl f = " in stdout
-    fitted = scaling.fits(scaling.read_table(csv_path))
+    fitted = table.fits(table.read_table(csv_path))
     assert fitted == pytest.approx({"ensemble": 0.1, "allreduce": 0.3}, abs=0.03)
 
 
 def test_sweep_commands_and_checks():
-    sweep = scaling.Sweep(ranks=(1, 4), weak=True, train_limit=1000, epochs=2, extra=("--batch-size", "100"))
-    cmd = sweep.command("mpirun", 4, "ensemble", "/tmp/x")
+    weak_sweep = sweep.Sweep(ranks=(1, 4), weak=True, train_limit=1000, epochs=2, extra=("--batch-size", "100"))
+    cmd = weak_sweep.command("mpirun", 4, "ensemble", "/tmp/x")
     assert cmd[:3] == ["mpirun", "-n", "4"]
     assert cmd[cmd.index("--train-limit") + 1] == "4000"  # weak: per rank x ranks
     assert cmd[cmd.index("--threads") + 1] == "1" and cmd[-2:] == ["--batch-size", "100"]
-    assert sweep.environment()["OPENBLAS_NUM_THREADS"] == "1"
-    assert [(r, n) for r, _, n in sweep.plan()] == [(0, 1), (0, 4), (1, 1), (1, 4), (2, 1), (2, 4)]
-    with pytest.raises(scaling.UsageError, match="per rank"):
-        scaling.Sweep(weak=True)
-    with pytest.raises(scaling.UsageError, match="--out"):
-        scaling.Sweep(extra=("--out", "x"))
+    assert weak_sweep.environment()["OPENBLAS_NUM_THREADS"] == "1"
+    assert [(r, n) for r, _, n in weak_sweep.plan()] == [(0, 1), (0, 4), (1, 1), (1, 4), (2, 1), (2, 4)]
+    with pytest.raises(UsageError, match="per rank"):
+        sweep.Sweep(weak=True)
+    with pytest.raises(UsageError, match="--out"):
+        sweep.Sweep(extra=("--out", "x"))
 
 
 def test_a_run_past_its_timeout_is_stopped(tmp_path):
     log = tmp_path / "run" / "mpirun.log"
-    with pytest.raises(scaling.SweepError, match="timed out"):
-        scaling.run_one([PYTHON, "-c", "import time; print('started', flush=True); time.sleep(60)"], 1.0,
-                        log_path=log)
+    with pytest.raises(table.SweepError, match="timed out"):
+        sweep.run_one([PYTHON, "-c", "import time; print('started', flush=True); time.sleep(60)"], 1.0,
+                      log_path=log)
     assert "started" in log.read_text()
 
 
@@ -236,15 +238,15 @@ def test_tiny_sweep_end_to_end(tmp_path):
     with open(out / "scaling.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["strategy"], int(r["ranks"])) for r in rows] == [("ensemble", 1), ("ensemble", 2)]
-    assert set(scaling.COLUMNS) <= set(rows[0])
+    assert set(table.COLUMNS) <= set(rows[0])
     for row in rows:
         assert float(row["speedup"]) > 0 and float(row["baseline_train_s"]) > 0
         assert float(row["speedup"]) == pytest.approx(float(row["baseline_train_s"]) / float(row["parallel_train_s"]))
         assert row["threads"] == "1" and int(row["n_train"]) == 2000
         assert (out / row["run_dir"] / "trace.json").is_file()
     assert rows[0]["karp_flatt"] == "" and float(rows[1]["karp_flatt"]) == pytest.approx(
-        scaling.karp_flatt(float(rows[1]["speedup"]), 2))
-    for name in scaling.FIGURES:
+        laws.karp_flatt(float(rows[1]["speedup"]), 2))
+    for name in figures.FIGURES:
         assert_png(out / name)
     report = (out / "report.md").read_text()
     assert "| ensemble | 2" in report and "![scaling_speedup.png](scaling_speedup.png)" in report

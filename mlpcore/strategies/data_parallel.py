@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .comm import blas_threads
-from .data import shard_bounds, to_float
-from .errors import UsageError
-from .fpenv import flush_denormals
-from .model import Adam, MLP
-from .train import Hyperparams, LocalSync, fit
+from ..data import N_CLASSES, shard_bounds, to_float
+from ..errors import UsageError
+from ..nn.fpenv import flush_denormals
+from ..nn.model import build_model
+from ..nn.optim import Adam
+from ..nn.train import LocalSync, fit
+from ..parallel.blas import blas_threads
+from .outcome import Outcome
 
 #: Per-step compute/communication spans are kept for this many steps only, so
 #: that trace.json stays small while still showing the overlap.
@@ -246,16 +248,7 @@ def _no_watch(name):
     pass
 
 
-@dataclass(frozen=True)
-class ParallelSettings(Hyperparams):
-    """The shared settings plus the data-parallel ones."""
-
-    overlap: str = "none"
-    bucket_kb: int = 256
-    sync_every: int = 10
-
-
-def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_params=None, watch=None,
+def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_params=None, watch=None,
                         checkpoint=None):
     """Train one model with all ranks of ``comm``; returns ``(model, losses, stats)``.
 
@@ -266,7 +259,8 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
     x, y : ndarray
         allreduce: the whole training set on every rank (uint8 pixels);
         localsgd: this rank's shard.
-    settings : ParallelSettings
+    config : RunConfig
+        The model and optimiser options, ``overlap``, ``bucket_kb`` and ``sync_every``.
     on_epoch : callable(epoch, loss), optional
     initial_params : ndarray, optional
         Start from these parameters instead of rank 0's initialisation (tests
@@ -281,16 +275,16 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
     rank = comm.Get_rank()
     # allreduce: the same seed everywhere, so every rank draws the same sample
     # order. localsgd: seed + rank, so the ranks' shards are shuffled differently.
-    rng = np.random.default_rng(settings.seed if strategy == "allreduce" else settings.seed + rank)
-    model = MLP((x.shape[1], *settings.hidden, 10), dtype=np.dtype(settings.dtype), rng=rng,
-                kernels=settings.kernels)
+    rng = np.random.default_rng(config.seed if strategy == "allreduce" else config.seed + rank)
+    model = build_model("mlp", n_features=x.shape[1], n_classes=N_CLASSES, hidden=config.hidden,
+                        dtype=np.dtype(config.dtype), rng=rng, kernels=config.kernels)
     if initial_params is not None:
         model.params[...] = initial_params
     watch("bcast params")
     comm.Bcast(model.params, root=0)  # identical replicas, whatever each rank's RNG did
-    optimizer = Adam(model, lr=settings.lr, alpha=settings.alpha)
+    optimizer = Adam(model, lr=config.lr, alpha=config.alpha)
     if strategy == "allreduce":
-        sync = AllreduceSync(comm, model, len(x), settings.batch_size, rng, settings.overlap, settings.bucket_kb,
+        sync = AllreduceSync(comm, model, len(x), config.batch_size, rng, config.overlap, config.bucket_kb,
                              watch)
     else:
         # --batch-size is the global batch here too: each rank steps on its
@@ -298,10 +292,10 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
         watch("shard sizes")
         n_total, size = comm.allreduce(len(x)), comm.Get_size()
         sizes = np.diff(shard_bounds(n_total, size))
-        local_batch = min(max(1, settings.batch_size // size), int(sizes.max()))
+        local_batch = min(max(1, config.batch_size // size), int(sizes.max()))
         # Never more steps than the smallest shard has samples: no rank gets an empty batch.
         steps = min(-(-int(sizes.max()) // local_batch), int(sizes.min()))
-        sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, settings.sync_every, watch)
+        sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, config.sync_every, watch)
     start_epoch, done = 0, []
     if checkpoint is not None:
         # After the broadcast: a resumed rank's own saved state replaces it (for
@@ -309,17 +303,25 @@ def train_data_parallel(strategy, comm, x, y, settings, on_epoch=None, initial_p
         start_epoch, done = checkpoint.restore(model, optimizer, rng)
         on_epoch = checkpoint.saver(model, optimizer, rng, done, then=on_epoch)
         sync.resume_at(start_epoch)
-    losses = fit(model, optimizer, x, y, epochs=settings.epochs, sync=sync, on_epoch=on_epoch,
+    losses = fit(model, optimizer, x, y, epochs=config.epochs, sync=sync, on_epoch=on_epoch,
                  start_epoch=start_epoch, losses=done)
     return model, losses, sync.stats
 
 
-def run_data_parallel(name, launcher, data, args, timer, plan=None):
-    """The experiment's part for allreduce/localsgd: distribute, train, predict on the root."""
+def run_allreduce(config, launcher, data, timer, plan=None):
+    """allreduce: every rank a replica, each global batch split, the gradients summed every step."""
+    return _run("allreduce", config, launcher, data, timer, plan)
+
+
+def run_localsgd(config, launcher, data, timer, plan=None):
+    """localsgd: every rank trains on its shard; the models are averaged every ``sync_every`` steps."""
+    return _run("localsgd", config, launcher, data, timer, plan)
+
+
+def _run(name, config, launcher, data, timer, plan):
+    """Distribute the data, train one model with every rank, predict on the root (the :class:`Outcome`)."""
     if launcher.comm is None:
         raise UsageError(f"--strategy {name} needs MPI (mpirun)")
-    settings = ParallelSettings.from_args(args, overlap=args.overlap, bucket_kb=args.bucket_kb,
-                                          sync_every=args.sync_every)
     root = launcher.is_root
     with timer.phase("scatter"):
         if name == "allreduce":
@@ -331,7 +333,7 @@ def run_data_parallel(name, launcher, data, args, timer, plan=None):
     with timer.phase("train"):
         train_start = time.perf_counter()
         model, losses, stats = train_data_parallel(
-            name, launcher.comm, x, y, settings, watch=launcher.watch,
+            name, launcher.comm, x, y, config, watch=launcher.watch,
             checkpoint=None if plan is None else plan.for_rank(launcher.rank))
         train_s = time.perf_counter() - train_start
     for span_name, start, end in stats.spans:  # a few steps' communication, for the timeline
@@ -344,21 +346,18 @@ def run_data_parallel(name, launcher, data, args, timer, plan=None):
         return None
     with timer.phase("predict"):
         y_pred = model.predict(to_float(data.x_test, model.dtype))
-    accuracy = float(np.mean(y_pred == data.y_test))
     comm_stats = [s for _, s, _ in per_rank]
     overlap = {k: max(s[k] for s in comm_stats) for k in ("total_s", "exposed_s")}
     overlap.update(calls=comm_stats[0]["calls"], bytes=comm_stats[0]["bytes"],
                    fraction=min(s["fraction"] for s in comm_stats),
-                   mode=args.overlap if name == "allreduce" else f"sync every {args.sync_every}")
-    return {
-        "strategy": name,
-        "y_pred": y_pred,
-        "metrics": {"accuracy": accuracy},
-        "accuracy": accuracy,
-        "parallel_train_s": max(t for t, _, _ in per_rank),
-        "threads_per_worker": [threads for _, _, threads in per_rank],
-        "final_train_loss": losses[-1] if losses else None,
-        "overlap": overlap,
-        "comm_exposed_per_rank": [s["exposed_s"] for s in comm_stats],
-        "comm": {**comm_bytes, "train_bytes": overlap["bytes"] * launcher.size, "train_calls": overlap["calls"]},
-    }
+                   mode=config.overlap if name == "allreduce" else f"sync every {config.sync_every}")
+    return Outcome(
+        strategy=name,
+        y_pred=y_pred,
+        parallel_train_s=max(t for t, _, _ in per_rank),
+        threads_per_worker=[threads for _, _, threads in per_rank],
+        final_train_loss=losses[-1] if losses else None,
+        comm={**comm_bytes, "train_bytes": overlap["bytes"] * launcher.size, "train_calls": overlap["calls"]},
+        overlap=overlap,
+        comm_exposed_per_rank=[s["exposed_s"] for s in comm_stats],
+    )

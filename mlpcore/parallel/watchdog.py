@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 
-from .comm import ABORT_GRACE_S
+from .launchers import ABORT_GRACE_S
 
 TAG = 77
 POLL_S = 0.05

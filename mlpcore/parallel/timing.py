@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from . import faults
+from ..testing import faults
 
 
 class PhaseTimer:
@@ -31,7 +31,9 @@ class PhaseTimer:
         self.totals = {}
         self.spans = []
         self.current = None  # the phase now running, named in error messages
-        self.rank = rank     # set by the launcher's owner; enables the test-only fault switch
+        self.rank = rank     # set by the launcher's owner; names where a failure happened
+        # The one hook of the test-only fault switch: None in a real run (no MLPCORE_FAULT).
+        self._on_enter = faults.phase_hook() if rank is not None else None
 
     def now(self):
         """Seconds since this timer's origin."""
@@ -42,8 +44,8 @@ class PhaseTimer:
         outer, self.current = self.current, name
         start = self.now()
         try:
-            if self.rank is not None:
-                faults.inject(self.rank, name)  # test-only switch (MLPCORE_FAULT); a no-op otherwise
+            if self._on_enter is not None:
+                self._on_enter(self.rank, name)
             yield
         except BaseException as exc:
             # Leave `current` naming the phase that failed, and tell the exception where it

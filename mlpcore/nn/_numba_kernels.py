@@ -1,6 +1,6 @@
-"""The numba side of :mod:`mlpcore.kernels` (imported only when numba kernels are used).
+"""The numba side of :mod:`mlpcore.nn.kernels` (imported only when numba kernels are used).
 
-Each kernel mirrors its numpy reference in :class:`mlpcore.kernels.NumpyKernels`
+Each kernel mirrors its numpy reference in :class:`mlpcore.nn.kernels.NumpyKernels`
 operation for operation, in the arrays' own floating type, so the results are
 bitwise the same. Two compiler settings matter:
 
@@ -59,23 +59,28 @@ def gather_scaled(x, rows, scale, out):
 
 
 @jit
-def bias_relu(Z, b):
+def bias_add(Z, b):
     for i in range(Z.shape[0]):
         row = Z[i]
         for j in range(row.shape[0]):
-            z = row[j] + b[j]
-            # np.maximum(z, 0): z unless z < 0 (NaN passes through).
-            row[j] = z if (z >= 0 or z != z) else 0
+            row[j] += b[j]
 
 
 @jit
-def bias_shift(Z, b):
-    # Z + b, minus each row's maximum (exact in any order), before numpy's exp.
+def relu(flat):
+    for k in range(flat.shape[0]):
+        z = flat[k]
+        # np.maximum(z, 0): z unless z < 0 (NaN passes through).
+        flat[k] = z if (z >= 0 or z != z) else 0
+
+
+@jit
+def shift_by_row_max(Z):
+    # Each row minus its maximum (exact in any order), before numpy's exp.
     for i in range(Z.shape[0]):
         row = Z[i]
-        top = row[0] + b[0]
+        top = row[0]
         for j in range(row.shape[0]):
-            row[j] += b[j]
             top = max(top, row[j])
         for j in range(row.shape[0]):
             row[j] -= top
@@ -147,6 +152,7 @@ def adam(p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c):
     adam_span(p[done:], g[done:], M[done:], V[done:], False, l2, beta_1, beta_2, eps, c)
 
 
-FUNCTIONS = {"gather_scaled": gather_scaled, "bias_relu": bias_relu, "bias_shift": bias_shift,
-           "normalise_rows": normalise_rows, "softmax_grad": softmax_grad, "relu_grad": relu_grad,
-           "cross_entropy_sum": cross_entropy_sum, "adam": adam}
+FUNCTIONS = {"gather_scaled": gather_scaled, "bias_add": bias_add, "relu": relu,
+             "shift_by_row_max": shift_by_row_max, "normalise_rows": normalise_rows,
+             "softmax_grad": softmax_grad, "relu_grad": relu_grad, "cross_entropy_sum": cross_entropy_sum,
+             "adam": adam}

@@ -16,32 +16,12 @@ data-parallel replica and every local-SGD worker. What differs between them is
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from .fpenv import flush_denormals
-from .model import Adam, MLP
-
-
-@dataclass(frozen=True)
-class Hyperparams:
-    """The model and optimiser settings every strategy shares (small and picklable, for joblib)."""
-
-    hidden: tuple
-    epochs: int
-    batch_size: int
-    lr: float
-    alpha: float
-    dtype: str
-    seed: int
-    kernels: str = "auto"
-
-    @classmethod
-    def from_args(cls, args, **extra):
-        """From the parsed command line; ``extra`` fills a subclass's own fields."""
-        return cls(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   alpha=args.alpha, dtype=args.dtype, seed=args.seed, kernels=args.kernels, **extra)
+from .model import Sequential, build_model
+from .optim import Adam
 
 
 class LocalSync:
@@ -94,13 +74,13 @@ class BatchLoader:
         return self._batches[n]
 
 
-def fit(model: MLP, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start_epoch=0, losses=(),
+def fit(model: Sequential, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start_epoch=0, losses=(),
         flush=True):
     """Train ``model`` in place for ``epochs`` passes.
 
     Parameters
     ----------
-    model : MLP
+    model : Sequential
     optimizer : Adam
     x : ndarray of uint8, shape (n_samples, n_features)
         Raw pixels; batches are scaled to [0, 1] as they are drawn.
@@ -138,10 +118,10 @@ def _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, loss
         loss_sum, n_seen = 0.0, 0
         for rows, global_batch in sync.batches(epoch):
             xb, yb = load(rows), y[rows]
-            activations = model.forward(xb)
-            loss_sum += model.kernels.cross_entropy_sum(activations[-1], yb)
+            probs = model.forward(xb)
+            loss_sum += model.kernels.cross_entropy_sum(probs, yb)
             n_seen += len(rows)
-            for ready in model.backward(activations, yb, 1.0 / global_batch, chunk=sync.grad_chunk):
+            for ready in model.backward(yb, 1.0 / global_batch, chunk=sync.grad_chunk):
                 sync.on_grads_ready(ready)
             sync.step(optimizer, global_batch)
         loss = sync.end_epoch(loss_sum, n_seen) + model.l2_penalty(optimizer.alpha, sync.batch_size)
@@ -151,16 +131,20 @@ def _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, loss
 
 
 def train_sequential(x, y, *, hidden, epochs, batch_size, seed, dtype=np.float32, lr=1e-3, alpha=1e-4,
-                     n_classes=10, on_epoch=None, checkpoint=None, kernels="auto", flush=True):
-    """Train one MLP on ``(x, y)`` in this process; returns ``(model, losses, seconds)``.
+                     n_classes=10, on_epoch=None, checkpoint=None, kernels="auto", flush=True, model="mlp"):
+    """Train one model on ``(x, y)`` in this process; returns ``(model, losses, seconds)``.
 
-    ``checkpoint``: a :class:`mlpcore.checkpoint.RankCheckpoint` to resume from
-    and to write every few epochs (None: neither). ``kernels`` and ``flush``:
-    see :class:`mlpcore.model.MLP` and :func:`fit`. The seconds are those of
-    :func:`fit` alone (the kernels are compiled before).
+    ``model``: the name :func:`mlpcore.nn.model.build_model` builds.
+    ``checkpoint``: an object with ``restore(model, optimizer, rng)`` and
+    ``saver(model, optimizer, rng, losses, then)`` (a
+    :class:`mlpcore.strategies.checkpoint.RankCheckpoint`) to resume from and to
+    write every few epochs (None: neither). ``kernels`` and ``flush``: see
+    :class:`mlpcore.nn.model.Sequential` and :func:`fit`. The seconds are those
+    of :func:`fit` alone (the kernels are compiled before).
     """
     rng = np.random.default_rng(seed)
-    model = MLP((x.shape[1], *hidden, n_classes), dtype=dtype, rng=rng, kernels=kernels)
+    model = build_model(model, n_features=x.shape[1], n_classes=n_classes, hidden=hidden, dtype=dtype, rng=rng,
+                        kernels=kernels)
     optimizer = Adam(model, lr=lr, alpha=alpha)
     start_epoch, done = 0, []
     if checkpoint is not None:

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsio import atomic_savefig, atomic_write
+
 # Thread ids of the deeper levels: level k of rank r is tid k * LEVEL_STRIDE + r.
 LEVEL_STRIDE = 1000
 
@@ -157,7 +159,6 @@ def chrome_trace(results):
 
 def write_trace(run_dir, results):
     """Write ``trace.json`` (see :func:`chrome_trace`) into ``run_dir`` atomically; returns its name."""
-    from .report import atomic_write  # report imports this module when it writes a run
 
     path = Path(run_dir) / "trace.json"
     atomic_write(path, json.dumps(chrome_trace(results), separators=(",", ":")) + "\n")
@@ -195,7 +196,6 @@ def gantt(plt, path, results, title=None, dpi=110):
     """
     from matplotlib.patches import Patch
 
-    from .report import atomic_savefig
 
     path = Path(path)
     events = timeline_events(results)

@@ -2,7 +2,7 @@
 
 A training step of the default 784-128-10 model at batch 200 spends ~620 us
 in two large GEMMs and, with plain numpy, about as long again in small passes:
-the batch gather and uint8 -> float scaling, bias + ReLU, the softmax
+the batch gather and uint8 -> float scaling, the bias, ReLU, the softmax, the softmax
 gradient, the ReLU mask and a dozen passes of Adam over 101,770 parameters.
 Each numpy call is one pass over memory plus ~1 us of dispatch. The numba
 versions do each of those jobs in one pass.
@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 KERNELS = ("auto", "numba", "numpy")
 
@@ -76,18 +76,20 @@ class NumpyKernels:
         np.take(x, rows, axis=0, out=raw)
         np.multiply(raw, out.dtype.type(1 / 255), out=out)
 
-    def bias_relu(self, Z, b):
-        """``Z = max(Z + b, 0)`` in place."""
+    def bias_add(self, Z, b):
+        """``Z += b`` (a row vector) in place."""
         Z += b
+
+    def relu(self, Z):
+        """``Z = max(Z, 0)`` in place (NaN passes through)."""
         np.maximum(Z, 0, out=Z)
 
-    def bias_softmax(self, Z, b):
-        """``Z = softmax(Z + b)`` of each row, in place.
+    def softmax(self, Z):
+        """``Z = softmax(Z)`` of each row, in place.
 
         The exponential is numpy's in both implementations, and each row is
         summed left to right, so the two agree bit for bit.
         """
-        Z += b
         Z -= Z.max(axis=1, keepdims=True)
         np.exp(Z, out=Z)
         total = self._buffer("row_sums", (Z.shape[0],), Z.dtype)
@@ -112,7 +114,7 @@ class NumpyKernels:
         return cross_entropy_sum(P, y)
 
     def adam(self, p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c):
-        """One Adam step on contiguous slices, in place (see :class:`mlpcore.model.Adam`).
+        """One Adam step on contiguous slices, in place (see :class:`mlpcore.nn.optim.Adam`).
 
         ``g[lo:hi] += l2 * p[lo:hi]`` for each row of ``weight_ranges`` (if
         ``l2``); then ``M = beta_1 M + g``; ``V = beta_2 V + g*g``;
@@ -156,8 +158,9 @@ class NumbaKernels:
         self.gather_scaled(x, np.zeros(2, dtype=np.intp), Z)
         x.flags.writeable = False  # numba types read-only arrays apart: joblib hands workers read-only memmaps
         self.gather_scaled(x, np.zeros(2, dtype=np.intp), Z)
-        self.bias_relu(Z, v)
-        self.bias_softmax(Z, v)
+        self.bias_add(Z, v)
+        self.relu(Z)
+        self.softmax(Z)
         self.relu_grad(Z, Z.copy())
         self.softmax_grad(Z, y, 1.0)
         Z[...] = 0.5
@@ -168,11 +171,14 @@ class NumbaKernels:
     def gather_scaled(self, x, rows, out):
         self._fns["gather_scaled"](x, rows, out.dtype.type(1 / 255), out)
 
-    def bias_relu(self, Z, b):
-        self._fns["bias_relu"](Z, b)
+    def bias_add(self, Z, b):
+        self._fns["bias_add"](Z, b)
 
-    def bias_softmax(self, Z, b):
-        self._fns["bias_shift"](Z, b)
+    def relu(self, Z):
+        self._fns["relu"](Z.reshape(-1))
+
+    def softmax(self, Z):
+        self._fns["shift_by_row_max"](Z)
         np.exp(Z, out=Z)
         self._fns["normalise_rows"](Z)
 
@@ -234,7 +240,7 @@ def describe(kernels):
 
 
 if __name__ == "__main__":
-    # `python -m mlpcore.kernels`: compile the numba kernels into numba's cache
+    # `python -m mlpcore.nn.kernels`: compile the numba kernels into numba's cache
     # once (the Makefile does it after installing), so no run pays for it.
     chosen = get_kernels("auto")
     for dtype in (np.float32, np.float64):

@@ -6,8 +6,12 @@ run on a cluster node never blocks on a display.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..data import N_CLASSES, N_FEATURES
+from ..fsio import atomic_savefig
 from .metrics import confusion_matrix
-from .report import atomic_savefig
+from .trace import gantt
 
 
 def _pyplot(show):
@@ -27,26 +31,32 @@ def preload():
     import seaborn  # noqa: F401
 
 
-def run_figures(run_dir, results, data, headline, baselines, args):
-    """Draw the run's figures into ``run_dir``; returns their file names."""
-    plt = _pyplot(args.show)
-    files = []
-    title = f"{args.strategy}" + (f" ({args.vote} vote)" if args.strategy == "ensemble" else "")
-    files.append(confusion_heatmap(plt, run_dir / "confusion_parallel.png", data.y_test, headline["y_pred"],
+def run_figures(run_dir, results, predictions, show=False):
+    """Draw the run's figures into ``run_dir``; returns their file names.
+
+    ``results``: the results.json document; ``predictions``: the arrays of
+    predictions.npz plus ``y_test`` (see :func:`mlpcore.report.write.write_run`).
+    """
+    plt = _pyplot(show)
+    run_dir = Path(run_dir)
+    cfg, files = results["config"], []
+    title = f"{cfg['strategy']}" + (f" ({cfg['vote']} vote)" if cfg["strategy"] == "ensemble" else "")
+    y_test = predictions["y_test"]
+    files.append(confusion_heatmap(plt, run_dir / "confusion_parallel.png", y_test, predictions["y_pred"],
                                    f"{title}, {results['environment']['world_size']} workers: "
-                                   f"accuracy {headline['accuracy']:.4f}"))
+                                   f"accuracy {results['metrics']['accuracy']:.4f}"))
+    baselines = results["timings"]["baselines"]
     if baselines:
         b = baselines[0]
-        files.append(confusion_heatmap(plt, run_dir / "confusion_baseline.png", data.y_test, b["y_pred"],
+        files.append(confusion_heatmap(plt, run_dir / "confusion_baseline.png", y_test,
+                                       predictions["baseline_y_pred"],
                                        f"sequential baseline ({b['threads']} thread): accuracy {b['accuracy']:.4f}"))
-    if args.strategy == "ensemble":
-        files.append(task_graph(plt, run_dir / "task_graph.png", results, headline))
+    if cfg["strategy"] == "ensemble":
+        files.append(task_graph(plt, run_dir / "task_graph.png", results))
     if results.get("compare"):
         files.append(compare_plot(plt, run_dir / "compare.png", results))
-    from .trace import gantt  # drawn from the same events as trace.json
-
-    files.append(gantt(plt, run_dir / "timeline.png", results))
-    if not args.show:
+    files.append(gantt(plt, run_dir / "timeline.png", results))  # the same events as trace.json
+    if not show:
         plt.close("all")
     return files
 
@@ -73,7 +83,7 @@ def _bytes(n):
         n /= 1000
 
 
-def task_graph(plt, path, results, headline):
+def task_graph(plt, path, results):
     """The run's real task graph: load, shards to ranks, train, predictions to the vote, baseline.
 
     Edges carry the bytes that moved: each rank's uint8 shard and labels, the
@@ -83,8 +93,8 @@ def task_graph(plt, path, results, headline):
 
     n = results["environment"]["world_size"]
     n_test = results["data"]["n_test"]
-    n_features = 784
-    shard_sizes = headline["shard_sizes"]
+    n_features = N_FEATURES
+    shard_sizes = results["data"]["shard_sizes"]
     G = nx.DiGraph()
     G.add_node("load", layer=0, label=f"load MNIST\n(rank 0)")
     G.add_node("vote", layer=3, label="vote\n(rank 0)")
@@ -95,7 +105,7 @@ def task_graph(plt, path, results, headline):
         test_bytes = 0 if r == 0 else n_test * n_features
         G.add_edge("load", f"train{r}", label=_bytes(shard_bytes + test_bytes))
         G.add_edge(f"train{r}", f"predict{r}", label="model")
-        G.add_edge(f"predict{r}", "vote", label=_bytes(n_test * 10 * 4))
+        G.add_edge(f"predict{r}", "vote", label=_bytes(n_test * N_CLASSES * 4))
     if results["timings"]["baselines"]:
         G.add_node("baseline", layer=1.5, label="sequential\nbaseline\n(rank 0)")
         G.add_edge("load", "baseline", label="all data, on rank 0")

@@ -18,9 +18,10 @@ other phase name). ``KIND`` is:
 * ``sleep``: pause :data:`SLEEP_S` seconds, then go on: a slow but healthy
   phase (the watchdog must not mistake the root's long baseline for a stall).
 
-Only timers that know their rank (``PhaseTimer.rank``, set by
-:func:`mlpcore.experiment.run` and by the joblib/serial workers) check the
-switch, and the check is one dictionary lookup when it is not set.
+Only timers that know their rank (``PhaseTimer.rank``, set by the experiment
+and by the joblib/serial workers) use the switch, through one hook that
+:func:`phase_hook` gives them when the timer is made: None when the switch is
+not set, so a real run pays nothing per phase.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import os
 import time
 
-from .errors import UsageError
+from ..errors import UsageError
 
 ENV = "MLPCORE_FAULT"
 KINDS = ("raise", "hang", "exit", "sleep")
@@ -61,6 +62,11 @@ def check_env():
     """Parse the switch once at startup, so a malformed value is a usage error on every rank."""
     spec = os.environ.get(ENV)
     return parse(spec) if spec else None
+
+
+def phase_hook():
+    """:func:`inject` if ``MLPCORE_FAULT`` is set in this process, else None."""
+    return inject if os.environ.get(ENV) else None
 
 
 def inject(rank, phase):

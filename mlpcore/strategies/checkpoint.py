@@ -2,7 +2,7 @@
 
 Every ``E`` epochs each worker writes ``RUN_DIR/checkpoints/rank{r}.npz``
 holding everything that determines the rest of its training: the model's
-parameters, Adam's state (``t``, ``M``, ``V``), the training RNG's state (the
+spec and parameter layout (:meth:`Sequential.spec`) and parameters, Adam's state (``t``, ``M``, ``V``), the training RNG's state (the
 shuffles still to come), the number of epochs done, the losses so far, and
 the options and world size of the run. A resumed run therefore ends with the
 *same* parameters and predictions, bit for bit, as one that was never
@@ -19,9 +19,11 @@ picks each rank's starting epoch (:func:`choose_start`): the ensemble's
 members are independent, so each resumes from its own latest complete
 checkpoint; ranks that train one shared model must resume from an epoch that
 is complete on all of them. A checkpoint written with other options or
-another number of workers is refused with a :class:`UsageError`.
+another number of workers is refused with a :class:`UsageError`, and so is
+one whose model differs from the one being trained, layer by layer and slot
+by slot, by name.
 
-To use it from a training loop (see :func:`mlpcore.train.train_sequential`)::
+To use it from a training loop (see :func:`mlpcore.nn.train.train_sequential`)::
 
     ckpt = plan.for_rank(rank)                       # a RankCheckpoint, or None
     start, losses = ckpt.restore(model, optimizer, rng)
@@ -34,20 +36,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import config_dict
-from .errors import UsageError
-from .report import FILE_MODE
+from ..errors import UsageError
+from ..fsio import atomic_write
 
 FOLDER = "checkpoints"
-FORMAT = 1
+FORMAT = 2  # 2: the model's spec and parameter layout are stored
 # Options that may change between a run and its resumption: where and how
 # output is written, checkpointing itself, the watchdog. Every other option
 # decides what is trained and must be the same.
@@ -55,9 +54,9 @@ MAY_DIFFER = ("out", "overwrite", "no_plots", "show", "quiet", "resume", "checkp
               "kernels")  # numba and numpy kernels train the same model, bit for bit
 
 
-def fingerprint(args, world_size):
+def fingerprint(config, world_size):
     """The options and world size a checkpoint must match to be resumed (JSON text)."""
-    options = {k: v for k, v in config_dict(args).items() if k not in MAY_DIFFER}
+    options = {k: v for k, v in config.as_dict().items() if k not in MAY_DIFFER}
     return json.dumps({"options": options, "world_size": int(world_size)}, sort_keys=True)
 
 
@@ -89,36 +88,11 @@ def write(run_dir, rank, *, epoch, losses, model, optimizer, rng, fingerprint):
     buf = io.BytesIO()
     np.savez(buf, format=np.int64(FORMAT), rank=np.int64(rank), epoch=np.int64(epoch),
              losses=np.asarray(losses, dtype=np.float64), params=model.params,
+             model_spec=np.str_(json.dumps(model.spec(), sort_keys=True)),
              adam_t=np.int64(state["t"]), adam_M=state["M"], adam_V=state["V"],
              rng_state=np.str_(json.dumps(rng.bit_generator.state)), fingerprint=np.str_(fingerprint))
-    fd, tmp = tempfile.mkstemp(dir=latest.parent, prefix=f".{latest.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        if latest.exists():
-            os.replace(latest, previous)  # the previous complete checkpoint stays until the new one is in
-        os.replace(tmp, latest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(latest.parent)
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    # The previous complete checkpoint stays (as .prev) until the new one is in place.
+    atomic_write(latest, buf.getvalue(), keep_previous=previous)
 
 
 # -- reading ----------------------------------------------------------------------
@@ -129,8 +103,8 @@ def read(path):
             ckpt = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
         return None
-    needed = ("format", "rank", "epoch", "losses", "params", "adam_t", "adam_M", "adam_V", "rng_state",
-              "fingerprint")
+    needed = ("format", "rank", "epoch", "losses", "params", "model_spec", "adam_t", "adam_M", "adam_V",
+              "rng_state", "fingerprint")
     if any(k not in ckpt for k in needed) or int(ckpt["format"]) != FORMAT:
         return None
     return ckpt
@@ -214,23 +188,48 @@ class CheckpointPlan:
         return RankCheckpoint(self, rank)
 
 
-def plan(run_dir, args, world_size, *, shared_model=False):
+def plan(run_dir, config, world_size, *, shared_model=False):
     """Check ``--resume``'s checkpoints (or clear stale ones) and return the :class:`CheckpointPlan`.
 
     Runs on the root; raises :class:`UsageError` for a folder without
     checkpoints or with checkpoints of another configuration.
     """
-    expected = fingerprint(args, world_size)
+    expected = fingerprint(config, world_size)
     starts = (0,) * world_size
-    if args.resume:
+    if config.resume:
         found = {r: available(run_dir, r, expected) for r in range(world_size)}
         if not any(found.values()):
-            raise UsageError(f"--resume {args.resume}: no complete checkpoint in {folder(run_dir)} "
+            raise UsageError(f"--resume {config.resume}: no complete checkpoint in {folder(run_dir)} "
                              "(was the run started with --checkpoint-every E, and did it finish an E-th epoch?)")
         starts = choose_start(found, world_size, shared_model)
     else:
         clear(run_dir)
-    return CheckpointPlan(str(run_dir), int(args.checkpoint_every), tuple(int(e) for e in starts), expected)
+    return CheckpointPlan(str(run_dir), int(config.checkpoint_every), tuple(int(e) for e in starts), expected)
+
+
+def check_model(path, saved, current):
+    """Raise :class:`UsageError` naming the first layer or slot where two model specs differ."""
+    if saved == current:
+        return
+    if saved["name"] != current["name"] or saved["dtype"] != current["dtype"]:
+        raise UsageError(f"--resume: {path} holds a {saved['dtype']} {saved['name']!r} model, this run trains "
+                         f"a {current['dtype']} {current['name']!r}")
+    for i, (a, b) in enumerate(zip(saved["layers"], current["layers"])):
+        if a != b:
+            raise UsageError(f"--resume: {path}: layer {i} is {_layer(a)} in the checkpoint, {_layer(b)} now")
+    if len(saved["layers"]) != len(current["layers"]):
+        raise UsageError(f"--resume: {path} holds {len(saved['layers'])} layers, the model has "
+                         f"{len(current['layers'])}")
+    for a, b in zip(saved["layout"], current["layout"]):
+        if a != b:
+            raise UsageError(f"--resume: {path}: slot {a['slot']!r} of layer {a['layer']} lies at "
+                             f"{a['start']}:{a['stop']} with shape {tuple(a['shape'])} in the checkpoint; the "
+                             f"model has slot {b['slot']!r} of layer {b['layer']} there, shape {tuple(b['shape'])}")
+    raise UsageError(f"--resume: {path} holds another parameter layout than the model's")
+
+
+def _layer(spec):
+    return spec["type"] + "".join(f" {k}={v}" for k, v in spec.items() if k != "type")
 
 
 class RankCheckpoint:
@@ -253,6 +252,7 @@ class RankCheckpoint:
             raise UsageError(f"--resume: the checkpoint of rank {self.rank} at epoch {epoch} disappeared "
                              f"from {folder(self.plan.directory)} while resuming")
         ckpt = read(found[epoch])
+        check_model(found[epoch], json.loads(str(ckpt["model_spec"])), model.spec())
         if ckpt["params"].shape != model.params.shape or ckpt["params"].dtype != model.params.dtype:
             raise UsageError(f"--resume: {found[epoch]} holds {ckpt['params'].shape} {ckpt['params'].dtype} "
                              f"parameters, the model has {model.params.shape} {model.params.dtype}")

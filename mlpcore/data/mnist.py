@@ -1,4 +1,4 @@
-"""Loading, checking, downloading and splitting the MNIST data set.
+"""Finding, reading and checking MNIST-layout data.
 
 Every problem with a data file is raised as :class:`~mlpcore.errors.DataError`
 with a one-line message that names the file and the problem, so the command
@@ -8,52 +8,51 @@ Where the data comes from (``load_mnist(source="auto")``), first match wins:
 
 1. ``data``, a path given by the user: a keras-layout ``.npz`` file or a folder
    of the four original IDX files (optionally gzipped);
-2. the copy shipped with the project, :data:`SHIPPED_PATH`;
+2. the copy shipped inside the package, ``mlpcore/data/mnist.npz``
+   (:data:`SHIPPED_PATH`, found with :mod:`importlib.resources`, so that an
+   installed wheel finds its own copy);
 3. keras' cache, ``~/.keras/datasets/mnist.npz`` (see :func:`keras_cache_path`).
 
 The shipped copy and keras' cache claim to be canonical MNIST, so the sha256 of
 each array is checked against :data:`ARRAY_SHA256`. A user's file only gets the
 structural checks of :func:`validate_arrays`, since it may hold another data set
 in the same layout (Fashion-MNIST, for instance).
+
+:data:`SHIPPED_PATH` is read from this module when :func:`load_mnist` runs, so
+patch ``mlpcore.data.mnist.SHIPPED_PATH`` (not the re-export in
+:mod:`mlpcore.data`) to hide or replace the shipped copy.
 """
 
 import gzip
 import hashlib
-import numbers
 import os
 import struct
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
-from http.client import HTTPException
+from importlib import resources
 from math import prod
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
+from .shards import _is_int
 
 __all__ = [
     "ARRAY_SHA256",
-    "KERAS_FILE_SHA256",
-    "KERAS_URL",
+    "IDX_FILES",
+    "IMAGE_SHAPE",
+    "KEYS",
     "MNIST",
+    "N_CLASSES",
+    "N_FEATURES",
     "SHIPPED_PATH",
-    "download_mnist",
     "keras_cache_path",
     "load_mnist",
-    "shard_bounds",
-    "to_float",
     "validate_arrays",
 ]
 
-KERAS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
-# sha256 of the whole file at KERAS_URL (11,490,434 bytes).
-KERAS_FILE_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 # sha256 of each canonical array's raw bytes: uint8, (60000, 28, 28), (60000,),
 # (10000, 28, 28) and (10000,), C order. Files differ byte-wise when they are
 # re-compressed; the arrays do not, so these are what identify MNIST.
@@ -63,7 +62,24 @@ ARRAY_SHA256 = {
     "x_test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
     "y_test": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
 }
-SHIPPED_PATH = Path(__file__).resolve().parent.parent / "data" / "mnist.npz"
+
+
+def _shipped_path():
+    """The package's own ``mnist.npz``, as a file-system path.
+
+    A regular install (a wheel, an editable install, the checkout) keeps the
+    package on disk, so the resource is a real file. A package imported from a
+    zip archive has none; the path returned then does not exist and
+    :func:`load_mnist` moves on to keras' cache.
+    """
+    resource = resources.files("mlpcore.data") / "mnist.npz"
+    try:
+        return Path(os.fspath(resource)).resolve()
+    except TypeError:  # not on the file system (zipimport): no usable copy
+        return Path(str(resource))
+
+
+SHIPPED_PATH = _shipped_path()
 KERAS_LOADER = "tf.keras.datasets.mnist.load_data()"
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -83,10 +99,6 @@ IDX_MAGIC = {3: 2051, 1: 2049}
 
 # The errors np.load and zipfile raise on a damaged archive.
 _NPZ_READ_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error)
-# The errors urlopen and reading its response raise on a failed download
-# (URLError, HTTPError and timeouts are OSErrors; ValueError is a malformed URL).
-_DOWNLOAD_ERRORS = (OSError, HTTPException, ValueError)
-_CHUNK_BYTES = 1 << 20
 
 
 def keras_cache_path():
@@ -104,12 +116,6 @@ def keras_cache_path():
     return Path(keras_home) / "datasets" / "mnist.npz"
 
 
-def __getattr__(name):
-    # KERAS_CACHE_PATH is computed on access (PEP 562) so that it follows $HOME.
-    if name == "KERAS_CACHE_PATH":
-        return keras_cache_path()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True, eq=False)
 class MNIST:
@@ -126,7 +132,7 @@ class MNIST:
     y_test : ndarray of shape (n_test,), dtype uint8
         Test labels in 0..9.
     origin : str
-        Where the data came from, e.g. ``"/abs/data/mnist.npz (shipped copy)"``.
+        Where the data came from, e.g. ``"/abs/mlpcore/data/mnist.npz (shipped copy)"``.
     """
 
     x_train: np.ndarray
@@ -265,140 +271,6 @@ def validate_arrays(x_train, y_train, x_test, y_test, origin):
     x_test, y_test = _validate_split(x_test, y_test, "test", origin)
     return x_train, y_train, x_test, y_test
 
-
-def download_mnist(
-    dest=None, *, url=None, sha256=KERAS_FILE_SHA256, progress=True, timeout=60
-):
-    """Download ``mnist.npz`` and check its sha256 before putting it in place.
-
-    The file is streamed into a temporary file next to ``dest`` while being
-    hashed, and only renamed to ``dest`` if the hash matches, so that a failed
-    or corrupt download leaves nothing behind. A ``dest`` that already holds
-    a file with the expected hash is returned without downloading; one with
-    another hash is replaced.
-
-    Parameters
-    ----------
-    dest : str or path-like, default=None
-        Where to save the file; None means keras' cache (see
-        :func:`keras_cache_path`), which :func:`load_mnist` looks at.
-    url : str, default=None
-        Where to download from; None means ``$MLPCORE_MNIST_URL`` if set,
-        else :data:`KERAS_URL`.
-    sha256 : str or None, default=KERAS_FILE_SHA256
-        Expected sha256 of the whole file. None skips the file check (for a
-        mirror serving a re-compressed copy; pass the result to
-        ``load_mnist(path, verify_checksums=True)`` to check its arrays).
-    progress : bool, default=True
-        Show a progress bar on stderr, if stderr is a terminal.
-    timeout : float, default=60
-        Seconds to wait for the server to connect or send data.
-
-    Returns
-    -------
-    dest : pathlib.Path
-        The path of the downloaded (or already present) file.
-
-    Raises
-    ------
-    DataError
-        If the download fails, the hash differs or ``dest`` is not writable.
-    """
-    dest = Path(dest).expanduser() if dest is not None else keras_cache_path()
-    if url is None:
-        url = os.environ.get("MLPCORE_MNIST_URL") or KERAS_URL
-    if sha256 is not None and dest.is_file() and _file_sha256(dest) == sha256:
-        return dest
-
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.NamedTemporaryFile(
-            dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False
-        )
-    except OSError as exc:
-        raise DataError(f"cannot write the download to {dest}: {exc}") from None
-    try:
-        with tmp:
-            got = _fetch(url, tmp, progress=progress, timeout=timeout)
-        if sha256 is not None and got != sha256:
-            raise DataError(
-                f"{url}: sha256 mismatch of the downloaded file: expected {sha256}, "
-                f"got {got}; nothing was saved to {dest}"
-            )
-        _install(tmp.name, dest)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a partial file behind.
-        Path(tmp.name).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def shard_bounds(n, parts):
-    """Return the offsets that split ``n`` samples into ``parts`` shards.
-
-    Shard ``i`` is ``bounds[i]:bounds[i + 1]``. The sizes are those of
-    ``np.array_split``: the first ``n % parts`` shards get one sample more.
-
-    Parameters
-    ----------
-    n : int
-        Number of samples, >= 0.
-    parts : int
-        Number of shards (e.g. MPI ranks), 1 <= parts <= n.
-
-    Returns
-    -------
-    bounds : ndarray of shape (parts + 1,), dtype int64
-        Increasing offsets, ``bounds[0] == 0`` and ``bounds[-1] == n``.
-
-    Raises
-    ------
-    UsageError
-        If ``parts`` < 1 or ``parts`` > ``n``, which would leave a shard
-        empty.
-    """
-    if not _is_int(n) or n < 0:
-        raise UsageError(f"the number of samples must be an integer >= 0, got {n!r}")
-    if not _is_int(parts) or parts < 1:
-        raise UsageError(f"the number of shards must be an integer >= 1, got {parts!r}")
-    if parts > n:
-        raise UsageError(
-            f"cannot split {n} training samples into {parts} shards; "
-            "use fewer ranks or a larger --train-limit"
-        )
-    size, extra = divmod(int(n), int(parts))
-    i = np.arange(parts + 1, dtype=np.int64)
-    return i * size + np.minimum(i, extra)
-
-
-def to_float(x, dtype=np.float32, out=None):
-    """Scale uint8 pixels to [0, 1] as ``x * dtype(1 / 255)``.
-
-    This is the one scaling used everywhere, so that every process computes
-    bitwise-identical inputs. It can differ from ``x / 255`` in the last bit.
-
-    Parameters
-    ----------
-    x : ndarray of dtype uint8
-        Pixels in 0..255.
-    dtype : floating dtype, default=np.float32
-        The dtype of the result and of the arithmetic.
-    out : ndarray of dtype ``dtype`` and the shape of ``x``, default=None
-        Where to write the result, to avoid allocating.
-
-    Returns
-    -------
-    out : ndarray of dtype ``dtype``
-        The scaled pixels (``out`` itself if given).
-    """
-    dtype = np.dtype(dtype)
-    if x.dtype != np.uint8:
-        raise ValueError(f"to_float expects uint8 pixels, got dtype {x.dtype}")
-    if not np.issubdtype(dtype, np.floating):
-        raise ValueError(f"to_float needs a floating dtype, got {dtype}")
-    if out is not None and out.dtype != dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
-    return np.multiply(x, dtype.type(1 / 255), out=out, dtype=dtype)
 
 
 # --- Finding and reading files ---------------------------------------------
@@ -624,20 +496,7 @@ def _check_array_sha256(arrays, where):
             )
 
 
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- Limits -----------------------------------------------------------------
-
-
-def _is_int(value):
-    # bool is an Integral, but True samples is a mistake, not 1.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_limit(name, limit):
@@ -657,55 +516,3 @@ def _first(x, y, limit, split, where):
     # Copy so that a small subset does not keep the full arrays in memory.
     return x[:limit].copy(), y[:limit].copy()
 
-
-# --- Downloading ------------------------------------------------------------
-
-
-def _fetch(url, f, *, progress, timeout):
-    """Stream ``url`` into the open file ``f``; return the sha256 hex digest."""
-    # tqdm is imported here because only downloads need it.
-    from tqdm import tqdm
-
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            total = response.headers.get("Content-Length")
-            with tqdm(
-                total=int(total) if total else None,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="downloading MNIST",
-                file=sys.stderr,
-                # None disables the bar when stderr is not a terminal.
-                disable=None if progress else True,
-            ) as bar:
-                while chunk := response.read(_CHUNK_BYTES):
-                    digest.update(chunk)
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except _DOWNLOAD_ERRORS as exc:
-        raise DataError(f"cannot download {url}: {_reason(exc)}") from None
-    return digest.hexdigest()
-
-
-def _install(tmp_name, dest):
-    """Make the complete download durable, then atomically move it to ``dest``."""
-    try:
-        with open(tmp_name, "rb+") as f:
-            os.fsync(f.fileno())
-        # NamedTemporaryFile creates the file 0600; MNIST is public, so let
-        # the other users of a shared cache read it.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, dest)
-    except OSError as exc:
-        raise DataError(f"cannot save the download to {dest}: {exc}") from None
-
-
-def _reason(exc):
-    # URLError wraps the real cause (refused connection, DNS failure...).
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__

@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import shard_bounds
-from .errors import MlpcoreError, UsageError
+from ..data import shard_bounds
+from ..errors import MlpcoreError, UsageError
+from .blas import affinity, blas_threads, pin_blas_threads, visible_cores
 from .timing import PhaseTimer
 
 # Seconds between printing a fatal error and MPI_Abort, so that mpirun forwards the message.
 ABORT_GRACE_S = 0.3
+# The point-to-point tag of call_on/serve_call (no other message of mlpcore uses a tag).
+CALL_TAG = 41
 
 # Environment variables that process managers set in every rank they start.
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
@@ -57,52 +60,6 @@ def started_by_mpi():
         return True
     tasks = os.environ.get("SLURM_NTASKS", "")
     return "SLURM_STEP_ID" in os.environ and tasks.isdigit() and int(tasks) > 1
-
-
-def _affinity():
-    """The CPU ids this process may run on (the affinity mask: Slurm and taskset shrink it)."""
-    try:
-        return os.sched_getaffinity(0)
-    except AttributeError:  # not on Linux: assume every CPU
-        return set(range(os.cpu_count() or 1))
-
-
-def visible_cores():
-    """How many CPUs this process may run on."""
-    return len(_affinity())
-
-
-def pin_blas_threads(n):
-    """Limit every BLAS/OpenMP pool in this process to ``n`` threads; returns what it now runs with.
-
-    The limiter is kept alive for the life of the process (threadpoolctl
-    resets the pools when it is garbage-collected).
-    """
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    global _blas_limiter, _pinned_threads
-    _blas_limiter, _pinned_threads = threadpool_limits(limits=n), n
-    return blas_threads(threadpool_info())
-
-
-def repin_blas_threads():
-    """Apply the last pin to BLAS pools loaded since (scikit-learn brings scipy's own OpenBLAS)."""
-    if _pinned_threads is not None:
-        pin_blas_threads(_pinned_threads)
-
-
-_blas_limiter = None
-_pinned_threads = None
-
-
-def blas_threads(info=None):
-    """The largest thread count among this process's BLAS pools (1 if none is loaded)."""
-    if info is None:
-        from threadpoolctl import threadpool_info
-
-        info = threadpool_info()
-    counts = [pool["num_threads"] for pool in info if pool.get("user_api") == "blas"]
-    return max(counts) if counts else 1
 
 
 @dataclass
@@ -286,7 +243,7 @@ class MPILauncher(Launcher):
         # Cores and ranks of this node: BLAS threads are shared out per node.
         self.hosts = self.comm.allgather(MPI.Get_processor_name())  # tiny; says which ranks share a node
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        node_cpus = set().union(*node.allgather(sorted(_affinity())))
+        node_cpus = set().union(*node.allgather(sorted(affinity())))
         self.cores, self.ranks_per_node = len(node_cpus), node.Get_size()
         node.Free()
         self.threads = threads or max(1, self.cores // self.ranks_per_node)
@@ -405,6 +362,29 @@ class MPILauncher(Launcher):
         return [WorkerOutput(rank=r, probs=probs[r], threads=t, losses=l, n_train=n, train_s=s)
                 for r, (t, l, n, s) in enumerate(meta)]
 
+    def call_on(self, rank, fn, *args):
+        """On the root: run ``fn(*args)`` on ``rank`` (which is in :meth:`serve_call`) and return its result.
+
+        For work an idle rank can take over (the figures, on the core the
+        root's 1-thread baseline leaves free). ``fn`` travels by name and its
+        arguments pickled, so keep them small. An exception there is raised
+        here as an :class:`MlpcoreError`.
+        """
+        self.comm.send((fn, args), dest=rank, tag=CALL_TAG)
+        ok, answer = self.comm.recv(source=rank, tag=CALL_TAG)
+        if not ok:
+            raise MlpcoreError(f"rank {rank} could not {getattr(fn, '__name__', 'run')}: {answer}")
+        return answer
+
+    def serve_call(self):
+        """On the rank the root names in :meth:`call_on`: run the one call it sends, send back the result."""
+        fn, args = self.comm.recv(source=0, tag=CALL_TAG)
+        try:
+            answer = (True, fn(*args))
+        except Exception as exc:  # noqa: BLE001 - reported by the root, which owns the run's outcome
+            answer = (False, f"{type(exc).__name__}: {exc}")
+        self.comm.send(answer, dest=0, tag=CALL_TAG)
+
     def gather_spans(self, timer):
         """Every rank's phase spans, on the root (small, pickled)."""
         self.watch("gather of the phase spans")
@@ -419,26 +399,26 @@ class MPILauncher(Launcher):
         self.comm.Abort(code)
 
 
-def make_launcher(args):
+def make_launcher(config):
     """Choose and start the launcher the options ask for.
 
     ``auto`` means MPI when a process manager (mpirun, srun) started this
     process, joblib otherwise. ``mpirun -n 1`` runs the ensemble's ``--jobs``
     workers with joblib, since one rank has no one to share with.
     """
-    choice = args.launcher
+    choice = config.launcher
     if choice == "auto":
         choice = "mpi" if started_by_mpi() else "joblib"
-    single_run = args.strategy == "ensemble" and not args.compare  # what joblib/serial can run
+    single_run = config.strategy == "ensemble" and not config.compare  # what joblib/serial can run
     if choice == "mpi":
-        launcher = _start_mpi(args)
-        if args.launcher == "auto" and launcher.size == 1 and single_run:
-            print(f"note: MPI started 1 rank, so the ensemble's {args.jobs} workers run with joblib "
+        launcher = _start_mpi(config.threads)
+        if config.launcher == "auto" and launcher.size == 1 and single_run:
+            print(f"note: MPI started 1 rank, so the ensemble's {config.jobs} workers run with joblib "
                   "(--launcher mpi trains a single rank instead)", file=sys.stderr, flush=True)
-            return JoblibLauncher(args.jobs, args.threads)
+            return JoblibLauncher(config.jobs, config.threads)
         return launcher
     if not single_run:
-        what = "--compare" if args.compare else f"--strategy {args.strategy}"
+        what = "--compare" if config.compare else f"--strategy {config.strategy}"
         raise UsageError(f"{what} needs MPI: launch it with `mpirun -n N python mpi_train.py {what}` "
                          f"(the {choice} launcher runs only the ensemble)")
     tasks = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
@@ -447,13 +427,13 @@ def make_launcher(args):
         raise UsageError(f"--launcher {choice} under mpirun with {tasks} processes would run {tasks} "
                          "separate experiments; use --launcher mpi (or auto), or run without mpirun")
     if choice == "joblib":
-        return JoblibLauncher(args.jobs, args.threads)
-    return SerialLauncher(args.jobs, args.threads)
+        return JoblibLauncher(config.jobs, config.threads)
+    return SerialLauncher(config.jobs, config.threads)
 
 
-def _start_mpi(args):
+def _start_mpi(threads):
     try:
-        return MPILauncher(args.threads)
+        return MPILauncher(threads)
     except ImportError as exc:  # mpi4py missing, or it found no MPI library
         raise UsageError(f"the MPI launcher needs mpi4py and an MPI library ({exc}): "
                          "pip install -e .[mpi], or run without mpirun to use joblib") from None

@@ -1,0 +1,124 @@
+"""The one place mlpcore writes files: atomic writes and run folders.
+
+Every file a run leaves (results.json, report.md, figures, checkpoints, a
+downloaded MNIST, a scaling table) goes through :func:`atomic_write` or one of
+its siblings: a temporary file in the same folder, fsynced, renamed over the
+target, and the folder fsynced so that the rename itself survives a crash.
+A run that is killed at any moment leaves either the previous complete file or
+none, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import UsageError
+
+def _read_umask():
+    """The process umask, read from /proc (setting it to read it would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+#: The mode ``open()`` would give a new file: mkstemp's are private (0600), ours
+#: are readable like any other output.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
+def fsync_dir(path):
+    """Make a rename in ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path, keep_previous=None):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, else it is removed.
+
+    Write the file under the yielded name (any writer: numpy, matplotlib, a
+    download loop), then it is fsynced and renamed over ``path``.
+    ``keep_previous``: move an existing ``path`` there first (checkpoints keep
+    the last complete one until the new one is in place).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, FILE_MODE)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path, data, keep_previous=None):
+    """Write ``data`` (str or bytes) to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, keep_previous) as tmp:
+        with open(tmp, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w") as f:
+            f.write(data)
+
+
+def atomic_savefig(fig, path, **kwargs):
+    """Save a matplotlib figure atomically, in the format ``path``'s suffix names."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **kwargs)
+
+
+# -- run folders -------------------------------------------------------------------
+def default_run_dir(name, workers):
+    """``runs/<UTC timestamp>-<name>-n<workers>``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("runs") / f"{stamp}-{name}-n{workers}"
+
+
+def prepare_run_dir(run_dir, *, reuse=False):
+    """Create ``run_dir`` before any training, so a bad ``--out`` fails in a second, not after.
+
+    ``reuse``: a non-empty folder is allowed (``--overwrite``, ``--resume``).
+    Raises :class:`UsageError` when the folder cannot be used.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not reuse:
+        raise UsageError(f"--out {run_dir}: the folder exists and is not empty; "
+                         "pass --overwrite to write into it, or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise UsageError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from None
+    return run_dir
+
+
+def discard_run_dir(run_dir):
+    """After a failed run: remove the folder if the run left it empty."""
+    if run_dir is not None and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+        Path(run_dir).rmdir()

@@ -1,0 +1,1 @@
+"""Test-only machinery: the fault switch (:mod:`~mlpcore.testing.faults`). Never used by a real run."""
