@@ -6,7 +6,7 @@ NP     ?= 4
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip "setuptools>=77"  # 77: the SPDX licence field; the wheel test builds offline
 	$(VENV)/bin/pip install -q -e ".[mpi,test]"
 	$(VENV)/bin/python -m mlpcore.nn.kernels
 	touch $@

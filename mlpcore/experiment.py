@@ -8,9 +8,6 @@ module only orchestrates: each step lives in its wing.
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
-
 import numpy as np
 
 from . import strategies
@@ -20,6 +17,7 @@ from .fsio import default_run_dir, discard_run_dir, prepare_run_dir
 from .parallel.blas import blas_threads, pin_blas_threads
 from .parallel.launchers import make_launcher
 from .parallel.timing import PhaseTimer
+from .parallel.watchdog import watching
 from .report import figures
 from .report.write import write_run
 from .results import BaselineRun, build, predictions
@@ -57,13 +55,14 @@ class Experiment:
         launcher = self.launcher = make_launcher(config)
         self.timer = PhaseTimer(launcher.start_clock(), rank=launcher.rank)
         launcher.raise_if_any(_options_differ(launcher, config) or _options_unfit(launcher, config), "options")
-        with _stall_watchdog(launcher, config):  # after the options agree: every rank has the same timeout
+        with watching(launcher, config.stall_timeout):  # after the options agree: every rank has the same timeout
             return self._run(launcher, self.timer, config)
 
     def _run(self, launcher, timer, config):
         run_dir = launcher.on_root(lambda: _prepare_run_dir(config, launcher.size), "output")
         try:
-            plan = _checkpoint_plan(launcher, config, run_dir)
+            plan = checkpoint.plan_for_run(launcher, config, run_dir,
+                                           shared_model=config.strategy in strategies.SHARED_MODEL)
             with timer.phase("setup"):
                 # Imports and kernel compilation, on every rank at once: like numpy's own
                 # import, outside both the parallel and the sequential times.
@@ -123,49 +122,6 @@ def _setup_error(config):
     except Exception as exc:  # e.g. numba failing to compile for this dtype: on one rank, so say it on all
         return MlpcoreError(f"preparing the {config.trainer} trainer: {type(exc).__name__}: {exc}")
     return None
-
-
-@contextmanager
-def _stall_watchdog(launcher, config):
-    """Run the stall watchdog (``--stall-timeout``, MPI with 2+ ranks) around the block; else nothing."""
-    if config.stall_timeout is None or launcher.comm is None or launcher.size < 2:
-        yield
-        return
-    from .parallel.watchdog import Watchdog
-
-    launcher.watchdog = Watchdog(launcher.comm, config.stall_timeout)
-    try:
-        yield
-    except BaseException as exc:
-        # Every rank raised it (a usage error): finish cleanly. Otherwise MPI_Abort follows anyway.
-        launcher.watchdog.close(clean=getattr(exc, "collective", False))
-        launcher.watchdog = None
-        raise
-    launcher.watchdog.close()
-    launcher.watchdog = None
-
-
-def _checkpoint_plan(launcher, config, run_dir):
-    """What every worker does about checkpoints: a ``checkpoint.CheckpointPlan``, or None.
-
-    On the root: check ``--resume``'s checkpoints against these options and
-    choose each rank's starting epoch, or clear an earlier run's checkpoints
-    from a reused (``--overwrite``) folder; then every rank gets the plan.
-    """
-    if not (config.checkpoint_every or config.resume):
-        if launcher.is_root:
-            checkpoint.clear(run_dir)  # an earlier run's, from a folder reused with --overwrite
-        return None
-    # One model trained by every rank resumes from the latest epoch all ranks saved.
-    shared_model = config.strategy in strategies.SHARED_MODEL
-    plan = launcher.on_root(lambda: checkpoint.plan(run_dir, config, launcher.size, shared_model=shared_model),
-                            "resume")
-    if launcher.comm is not None:
-        plan = launcher.comm.bcast(plan, root=0)
-    if config.resume and launcher.is_root:
-        print(f"resuming {run_dir}: " + ", ".join(f"rank {r} from epoch {e}" for r, e in
-                                                    enumerate(plan.start_epochs)), file=sys.stderr, flush=True)
-    return plan
 
 
 def _options_unfit(launcher, config):

@@ -81,7 +81,7 @@ def download_mnist(
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # atomic_path removes the temporary file on any error, KeyboardInterrupt
-        # included, and gives it fsio.FILE_MODE (not mkstemp's 0600): MNIST is
+        # included, and gives it fsio.FILE_MODE (not a private temp file's 0600): MNIST is
         # public, so the other users of a shared cache may read it.
         with atomic_path(dest) as tmp:
             started = True

@@ -33,6 +33,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from .launchers import ABORT_GRACE_S
 
@@ -156,3 +157,24 @@ def find_stall(latest, now, timeout):
     lines += [f"stall: rank {r} was last seen entering {latest[r][1]} (collective #{latest[r][0]})"
               for r in missing]
     return lines
+
+
+@contextmanager
+def watching(launcher, timeout):
+    """Run a :class:`Watchdog` (``--stall-timeout``, MPI with 2+ ranks) around the block; else nothing.
+
+    Enter it on every rank after the options agree, so that every rank has the same timeout.
+    """
+    if timeout is None or launcher.comm is None or launcher.size < 2:
+        yield
+        return
+    launcher.watchdog = Watchdog(launcher.comm, timeout)
+    try:
+        yield
+    except BaseException as exc:
+        # Every rank raised it (a usage error): finish cleanly. Otherwise MPI_Abort follows anyway.
+        launcher.watchdog.close(clean=getattr(exc, "collective", False))
+        launcher.watchdog = None
+        raise
+    launcher.watchdog.close()
+    launcher.watchdog = None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,28 @@ def check_model(path, saved, current):
 
 def _layer(spec):
     return spec["type"] + "".join(f" {k}={v}" for k, v in spec.items() if k != "type")
+
+
+def plan_for_run(launcher, config, run_dir, *, shared_model):
+    """Collective: what every worker does about checkpoints, a :class:`CheckpointPlan`, or None.
+
+    On the root: check ``--resume``'s checkpoints against these options and
+    choose each rank's starting epoch, or clear an earlier run's checkpoints
+    from a reused (``--overwrite``) folder; then every rank gets the plan.
+    ``shared_model``: the ranks train one model, which resumes from the latest
+    epoch every rank saved.
+    """
+    if not (config.checkpoint_every or config.resume):
+        if launcher.is_root:
+            clear(run_dir)  # an earlier run's, from a folder reused with --overwrite
+        return None
+    chosen = launcher.on_root(lambda: plan(run_dir, config, launcher.size, shared_model=shared_model), "resume")
+    if launcher.comm is not None:
+        chosen = launcher.comm.bcast(chosen, root=0)  # small and pickled
+    if config.resume and launcher.is_root:
+        print(f"resuming {run_dir}: " + ", ".join(f"rank {r} from epoch {e}" for r, e in
+                                                    enumerate(chosen.start_epochs)), file=sys.stderr, flush=True)
+    return chosen
 
 
 class RankCheckpoint:
