@@ -7,7 +7,7 @@ What it measures, in one run on this machine:
    several) and the rate at the model's own GEMM shapes (batch 200, 784-128-10);
    the square rate is measured again right before each numpy fit, and each fit
    is judged against that (this VM's speed drifts by 10-20% over minutes);
-2. mlpcore's sequential numpy MLP (``mlpcore.train.train_sequential``) against
+2. mlpcore's sequential numpy MLP (``mlpcore.nn.train.train_sequential``) against
    scikit-learn's ``MLPClassifier`` fed float64 (the reference program: X / 255.)
    and float32, at 1 and 2 BLAS threads (threadpoolctl), same hyper-parameters;
 3. the MPI ensemble, ``mpirun -n N python mpi_train.py --out <tmp> --quiet`` with
@@ -45,10 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlpcore.data import load_mnist, to_float  # noqa: E402
-from mlpcore.fpenv import status as denormal_status  # noqa: E402
-from mlpcore.kernels import describe, get_kernels  # noqa: E402
-from mlpcore.model import MLP, Adam  # noqa: E402
-from mlpcore.train import train_sequential  # noqa: E402
+from mlpcore.nn.fpenv import status as denormal_status  # noqa: E402
+from mlpcore.nn.kernels import describe, get_kernels  # noqa: E402
+from mlpcore.nn.model import build_model  # noqa: E402
+from mlpcore.nn.optim import Adam  # noqa: E402
+from mlpcore.nn.train import train_sequential  # noqa: E402
 
 HIDDEN, BATCH, LR, ALPHA = 128, 200, 1e-3, 1e-4
 
@@ -251,7 +252,7 @@ def main(argv=None):
     x_test32 = to_float(data.x_test, np.float32)
     # Build a model and its optimizer once before any thread limit, so every BLAS
     # library mlpcore loads (lazily or not) exists when threadpoolctl sets the limits.
-    Adam(MLP((4, 3, 2), rng=np.random.default_rng(0)))
+    Adam(build_model("mlp", n_features=4, n_classes=2, hidden=(3,), dtype=np.float32, rng=np.random.default_rng(0)))
     import sklearn  # noqa: F401  (likewise)
     import sklearn.neural_network  # noqa: F401
 

@@ -1,13 +1,19 @@
-"""mlpcore.kernels: the numba kernels are bitwise the numpy reference; denormals are flushed.
+"""mlpcore.nn.kernels: the numba kernels are bitwise the numpy reference; denormals are flushed.
 
-* every kernel on random inputs with edge values (zeros, negatives, NaN, inf),
-  float32 and float64: ``np.array_equal`` with the numpy reference (the loss,
-  reported only, to 1e-6);
+* every kernel on random inputs with edge values (zeros, -0.0, negatives, NaN,
+  inf), float32 and float64: ``np.array_equal`` with the numpy reference
+  (``equal_nan``; so equal up to the sign of a zero and NaN payloads); the
+  loss, reported only, to 1e-6;
 * a whole training run with each implementation: the same weights, bit for bit;
 * without numba, ``auto`` falls back to numpy and ``numba`` is a clear error;
-* :mod:`mlpcore.fpenv`: inside ``flush_denormals`` a denormal result is zero,
+* :mod:`mlpcore.nn.fpenv`: inside ``flush_denormals`` a denormal result is zero,
   outside (and after) it is not; and the float32 Adam + L2 run that makes
   denormals without it makes none with it.
+
+Every bitwise comparison here is true by construction on any BLAS: the two
+implementations run on copies of the same arrays, elementwise, and the matrix
+products of a training run are the same numpy calls on the same shapes
+whichever kernels do the elementwise work.
 """
 
 import subprocess
@@ -16,10 +22,11 @@ import sys
 import numpy as np
 import pytest
 
-from mlpcore import fpenv
-from mlpcore.kernels import NumpyKernels, get_kernels
-from mlpcore.model import MLP, Adam
-from mlpcore.train import train_sequential
+from mlpcore.nn import fpenv
+from mlpcore.nn.kernels import NumpyKernels, get_kernels
+from mlpcore.nn.model import build_model
+from mlpcore.nn.optim import Adam
+from mlpcore.nn.train import train_sequential
 
 DTYPES = [np.float32, np.float64]
 TINY32 = np.finfo(np.float32).tiny  # the smallest normal float32, ~1.2e-38
@@ -30,6 +37,12 @@ def mnist():
     from mlpcore.data import load_mnist
 
     return load_mnist(train_limit=3000, test_limit=10)
+
+
+def small_mlp(kernels, dtype=np.float32):
+    """The 4-3-2 MLP (the old ``MLP((4, 3, 2))``, float32 by default as it was)."""
+    return build_model("mlp", n_features=4, n_classes=2, hidden=(3,), dtype=dtype, rng=np.random.default_rng(0),
+                       kernels=kernels)
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +87,17 @@ def test_gather_scaled(pair, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_relu_and_relu_grad(pair, dtype):
+def test_bias_add_relu_and_relu_grad(pair, dtype):
     rng = np.random.default_rng(1)
     Z = with_edges(rng.normal(size=(9, 13)).astype(dtype), rng)
-    b = rng.normal(size=13).astype(dtype)
-    assert_bitwise(both("bias_relu", pair, Z, b))
+    b = with_edges(rng.normal(size=13).astype(dtype), rng)  # the bias with edges too: inf - inf, -0 + -0
+    added = both("bias_add", pair, Z, b)
+    assert_bitwise(added)
+    assert_bitwise(both("relu", pair, Z))
+    assert_bitwise(both("relu", pair, added[0][0][0]))  # as a Dense then a ReLU run
+    # relu is max(z, 0) with NaN passed through.
+    relu = both("relu", pair, Z)[0][0][0]
+    np.testing.assert_array_equal(relu, np.where(np.isnan(Z) | (Z > 0), Z, 0))
     activation = np.abs(with_edges(rng.normal(size=(9, 13)).astype(dtype), rng))  # >= 0 or NaN, as after ReLU
     activation.reshape(-1)[:3] = [-0.0, -2.0, np.nan]  # and a few the reference's sign() also covers
     delta = with_edges(rng.normal(size=(9, 13)).astype(dtype), rng)
@@ -90,7 +109,16 @@ def test_softmax_and_its_gradient(pair, dtype):
     rng = np.random.default_rng(2)
     Z = (rng.normal(size=(31, 10)) * 20).astype(dtype)
     b = rng.normal(size=10).astype(dtype)
-    outs = both("bias_softmax", pair, Z, b)
+    # Finite rows that stress the max shift: ties, +-0, logits far apart (exact 0 probabilities), huge ones.
+    Z[0] = 5
+    Z[1, :] = [-0.0, 0.0] * 5
+    Z[2, :5], Z[2, 5:] = -1e4, 1e4
+    Z[3] = np.finfo(dtype).max / 4 * np.sign(rng.normal(size=10))
+    Z[4] = -np.finfo(dtype).max / 4
+    Z[5, 3] = np.finfo(dtype).tiny / 8  # a denormal logit
+    outs = both("bias_add", pair, Z, b)
+    assert_bitwise(outs)
+    outs = both("softmax", pair, outs[0][0][0])
     assert_bitwise(outs)
     P = outs[0][0][0]
     np.testing.assert_allclose(P.sum(axis=1), 1, rtol=10 * np.finfo(dtype).eps)
@@ -98,6 +126,25 @@ def test_softmax_and_its_gradient(pair, dtype):
     assert_bitwise(both("softmax_grad", pair, P, y, 1 / 31))
     losses = [result for _, result in both("cross_entropy_sum", pair, P, y)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_on_non_finite_logits(pair, dtype):
+    """NaN, +inf and -inf logits (a diverged run): both implementations give the same NaN/0 pattern."""
+    rng = np.random.default_rng(5)
+    Z = (rng.normal(size=(12, 7)) * 10).astype(dtype)
+    Z[0, 0], Z[1, 4] = np.nan, np.nan  # first in the row, and later (the max shift meets it late)
+    Z[2, 0], Z[3, 6] = np.inf, np.inf
+    Z[4, 2], Z[5, :] = -np.inf, -np.inf
+    Z[6, :3] = [np.inf, -np.inf, np.nan]
+    Z[7] = with_edges(Z[7].copy(), rng)
+    outs = both("softmax", pair, Z)
+    assert_bitwise(outs)
+    P = outs[0][0][0]
+    assert np.isnan(P[[0, 1, 2, 3, 5, 6]]).all()  # a NaN or +inf, or no finite logit, poisons its row
+    assert P[4, 2] == 0 and np.isfinite(P[4]).all()  # a -inf logit is a zero probability
+    np.testing.assert_allclose(P[8:].sum(axis=1), 1, rtol=10 * np.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,7 +175,7 @@ def test_a_training_run_is_bitwise_the_same_with_either_kernels(mnist):
 def test_without_numba_auto_falls_back_and_numba_is_a_clear_error():
     code = (
         "import sys; sys.modules['numba'] = None\n"  # makes `import numba` raise ImportError
-        "from mlpcore.kernels import get_kernels, describe\n"
+        "from mlpcore.nn.kernels import get_kernels, describe\n"
         "from mlpcore.errors import UsageError\n"
         "print(describe(get_kernels('auto')))\n"
         "try:\n    get_kernels('numba')\nexcept UsageError as e:\n    print('error:', e)\n"
@@ -176,11 +223,11 @@ def test_adam_with_l2_on_dead_inputs_makes_denormals_unless_flushed(kernels):
     after ~2,000 steps float32 weights and moments are denormal (the slow path
     on x86); with flushing there are none.
     """
-    from mlpcore.train import fit, LocalSync
+    from mlpcore.nn.train import LocalSync, fit
 
     counts = {}
     for flush in (False, True):
-        model = MLP((4, 3, 2), rng=np.random.default_rng(0), kernels=kernels)
+        model = small_mlp(kernels)
         optimizer = Adam(model, alpha=1e-2)
         x = np.zeros((50, 4), dtype=np.uint8)  # dead inputs: no data gradient reaches the first layer
         y = np.arange(50) % 2
@@ -208,7 +255,9 @@ def test_kernels_agree_on_denormal_inputs_while_flushing(pair):
     f = np.float32
     with fpenv.flush_denormals():
         assert_bitwise(both("relu_grad", pair, delta, activation))
-        assert_bitwise(both("bias_relu", pair, Z, b))
+        assert_bitwise(both("bias_add", pair, Z, b))
+        assert_bitwise(both("relu", pair, Z))
+        assert_bitwise(both("softmax", pair, Z))
         assert_bitwise(both("softmax_grad", pair, delta, np.arange(6) % 7, 0.5))
         assert_bitwise(both("adam", pair, p, g, M, np.abs(V), np.array([[0, 30]], dtype=np.int64),
                             f(1e-4), f(0.9), f(0.999), f(1e-8), f(-1e-3)))

@@ -12,7 +12,7 @@ Two implementations of one interface:
 * :class:`NumpyKernels` - the reference: plain numpy ufuncs with ``out=``.
 * :class:`NumbaKernels` - the same arithmetic, in the same order and the same
   floating type, compiled by numba. The results are **bitwise identical** to
-  the reference (the tests check it), so which one ran never changes a result,
+  the reference, up to the sign of a zero (the tests check it), so which one ran never changes a result,
   only the time. The loss, a reported number only, may differ in the last bits.
 
 :func:`get_kernels` picks one: ``"auto"`` means numba when it can be imported.

@@ -10,7 +10,10 @@ A layer
 * back-propagates with :meth:`Layer.backward`, a generator: it writes its
   parameter gradients into the bound views, *yields* how many leading values of
   its own block are final (so that a data-parallel run can send them while the
-  layers below are computed), and *returns* the gradient of its input.
+  layers below are computed), and *returns* the gradient of its input. The
+  gradients it has yielded are final, but it may still read its parameters
+  afterwards (the input gradient needs them): update parameters only once the
+  whole backward pass has ended.
 
 The buffers of a layer's output are allocated once per batch size and reused,
 so a training step allocates nothing.
@@ -158,7 +161,9 @@ class Dense(Layer):
 
 
 class ReLU(Layer):
-    """``y = max(x, 0)``, in place: its input buffer becomes its output."""
+    """``y = max(x, 0)``, in place: its input buffer (a contiguous layer output) becomes its output."""
+
+    inplace = True  # the model copies a caller's array before an in-place first layer
 
     def __call__(self, x):
         self.kernels.relu(x)

@@ -43,8 +43,8 @@ class SlotRange:
     stop: int
 
     def describe(self):
-        return {"layer": self.layer, "slot": self.name, "shape": list(self.shape), "start": self.start,
-                "stop": self.stop}
+        return {"layer": self.layer, "slot": self.name, "shape": list(self.shape), "decay": self.decay,
+                "start": self.start, "stop": self.stop}
 
 
 class Sequential:
@@ -140,7 +140,8 @@ class Sequential:
 
     def forward(self, X):
         """Forward pass of ``X`` (in ``self.dtype``); returns the softmax probabilities."""
-        out = X
+        # A layer that works in place must not overwrite the caller's array.
+        out = np.array(X, copy=True, order="C") if getattr(self.layers[0], "inplace", False) else X
         for layer in self.layers:
             out = layer(out)
         self.kernels.softmax(out)
@@ -204,7 +205,7 @@ class Sequential:
         """Class probabilities, shape (n_samples, n_classes), computed in chunks of rows."""
         X = np.asarray(X, dtype=self.dtype)
         out = None
-        for start in range(0, X.shape[0], chunk):
+        for start in range(0, X.shape[0], chunk) or [0]:  # no rows: one empty chunk gives the shape
             probs = self.forward(X[start:start + chunk])
             if out is None:
                 out = np.empty((X.shape[0], probs.shape[1]), dtype=self.dtype)

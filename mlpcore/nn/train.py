@@ -96,7 +96,7 @@ def fit(model: Sequential, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None
     losses : sequence of float
         The losses of those ``start_epoch`` epochs, to which the new ones are added.
     flush : bool, default True
-        Flush denormal floats to zero while training (:mod:`mlpcore.fpenv`);
+        Flush denormal floats to zero while training (:mod:`mlpcore.nn.fpenv`);
         False only to measure what that buys.
 
     Returns
