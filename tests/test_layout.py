@@ -143,3 +143,11 @@ def test_nothing_below_the_top_sees_argparse():
              if "argparse" in p.read_text() and wing_of(module_name(p)) != "top"
              and not p.relative_to(PACKAGE).parts[0] == "study"]  # the study has its own command line
     assert not users, f"argparse below the command line: {users}"
+
+
+def test_the_study_knows_every_strategy():
+    """The study keeps its own list (it may not import the config above it): the two must agree."""
+    from mlpcore.config import STRATEGIES
+    from mlpcore.study.sweep import STRATEGIES as STUDIED
+
+    assert tuple(STUDIED) == tuple(STRATEGIES)

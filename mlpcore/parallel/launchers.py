@@ -117,7 +117,7 @@ class Launcher:
         Call it on every rank, in the same order, just before a collective that
         every rank should reach at about the same time (e.g. once per step before
         a gradient ``Allreduce`` or the ``Wait`` of an ``Iallreduce``), from the
-        main thread. A no-op without ``--stall-timeout``; see :mod:`mlpcore.watchdog`.
+        main thread. A no-op without ``--stall-timeout``; see :mod:`mlpcore.parallel.watchdog`.
         """
         if self.watchdog is not None:
             self.watchdog.arrive(name)

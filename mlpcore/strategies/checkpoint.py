@@ -285,7 +285,7 @@ class RankCheckpoint:
         return epoch, [float(v) for v in ckpt["losses"]]
 
     def saver(self, model, optimizer, rng, losses, then=None):
-        """An ``on_epoch(epoch, loss)`` callback for :func:`mlpcore.train.fit` that writes checkpoints.
+        """An ``on_epoch(epoch, loss)`` callback for :func:`mlpcore.nn.train.fit` that writes checkpoints.
 
         ``losses``: those restored; ``then``: another callback to call after it.
         """

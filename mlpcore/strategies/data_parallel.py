@@ -268,7 +268,7 @@ def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_par
     watch : callable(name), optional
         Called on every rank before each blocking collective (the stall
         watchdog's :meth:`Launcher.watch`).
-    checkpoint : mlpcore.checkpoint.RankCheckpoint, optional
+    checkpoint : mlpcore.strategies.checkpoint.RankCheckpoint, optional
         Resume from this rank's checkpoint and write new ones every E epochs.
     """
     watch = watch or _no_watch

@@ -7,7 +7,7 @@ instead of leaving the other ranks blocked in a collective forever
 
 Set the environment variable ``MLPCORE_FAULT=RANK:PHASE[:KIND]`` (several,
 separated by commas); rank ``RANK`` then fails when its
-:class:`~mlpcore.timing.PhaseTimer` enters ``PHASE`` (``load``, ``scatter``,
+:class:`~mlpcore.parallel.timing.PhaseTimer` enters ``PHASE`` (``load``, ``scatter``,
 ``train``, ``predict``, ``gather``, ``vote``, ``baseline``, ``report``, or any
 other phase name). ``KIND`` is:
 
