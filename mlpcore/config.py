@@ -124,8 +124,29 @@ def _int_at_least(name, value, low, allow_none=False):
         raise UsageError(f"--{name} expects an integer >= {low}, got {value!r}")
 
 
+def _number(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"--{name} expects a number, got {value!r}")
+
+
+FLAGS = ("compare", "no_baseline", "download", "overwrite", "no_plots", "show", "quiet")
+PATHS = ("data", "mirror", "out", "resume")
+
+
 def _validate(c):
     """Every check of one config; raises :class:`UsageError` on the first problem."""
+    for name in FLAGS:
+        if not isinstance(getattr(c, name), bool):
+            raise UsageError(f"--{name.replace('_', '-')} is a flag: True or False, got {getattr(c, name)!r}")
+    for name in PATHS:
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise UsageError(f"--{name} expects a path (a non-empty string), got {value!r}")
+    _number("lr", c.lr)
+    _number("alpha", c.alpha)
+    _number("stall-timeout", c.stall_timeout, allow_none=True)
     for name, choices in (("strategy", STRATEGIES), ("launcher", LAUNCHERS), ("trainer", TRAINERS),
                           ("vote", VOTES), ("overlap", OVERLAPS), ("kernels", KERNELS), ("source", SOURCES)):
         _one_of(name.replace("_", "-"), getattr(c, name), choices)
@@ -147,9 +168,9 @@ def _validate(c):
         raise UsageError(f"--epochs {c.epochs} is absurd: at most {MAX_EPOCHS}")
     if c.batch_size > MAX_BATCH:
         raise UsageError(f"--batch-size {c.batch_size} is absurd: at most {MAX_BATCH}")
-    if not isinstance(c.lr, (int, float)) or not (0 < c.lr <= MAX_LR):
+    if not (0 < c.lr <= MAX_LR):
         raise UsageError(f"--lr must be in (0, {MAX_LR}], got {c.lr}")
-    if not isinstance(c.alpha, (int, float)) or not (c.alpha >= 0) or c.alpha == math.inf:
+    if not (c.alpha >= 0) or c.alpha == math.inf:
         raise UsageError(f"--alpha must be a finite number >= 0, got {c.alpha}")
     if c.stall_timeout is not None and not (0 < c.stall_timeout < math.inf):
         raise UsageError(f"--stall-timeout must be a finite number of seconds > 0, got {c.stall_timeout}")

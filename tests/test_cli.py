@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON, SMALL, mpirun_path, run_command, MPI_TRAIN
-from mlpcore.config import build_parser
+from mlpcore.cli import build_parser
 
 pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not on PATH (pip install -e .[mpi])")
 

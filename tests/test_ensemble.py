@@ -1,4 +1,4 @@
-"""Votes of mlpcore.ensemble and the numbers of mlpcore.metrics against scikit-learn."""
+"""Votes of mlpcore.strategies.ensemble and the numbers of mlpcore.report.metrics against scikit-learn."""
 
 import re
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mlpcore import metrics
-from mlpcore.ensemble import hard_vote, soft_vote
+from mlpcore.report import metrics
+from mlpcore.strategies.ensemble import hard_vote, soft_vote
 
 
 def P(*members):

@@ -3,7 +3,7 @@
 Real jobs under ``mpirun -n 2`` (MPICH Hydra from PyPI), each with a timeout:
 that timeout is the bound on "ends within seconds", so a hang fails one test
 and never the session. Failures are injected with the test-only switch
-``MLPCORE_FAULT=rank:phase[:kind]`` (mlpcore/faults.py) or with SIGKILL.
+``MLPCORE_FAULT=rank:phase[:kind]`` (mlpcore/testing/faults.py) or with SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import MPI_TRAIN, PYTHON, REPO, _descendants, cli_env, mpirun_path, run_cli, run_command
-from mlpcore import checkpoint, faults, watchdog
 from mlpcore.errors import UsageError
+from mlpcore.parallel import watchdog
+from mlpcore.strategies import checkpoint
+from mlpcore.testing import faults
 
 pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not on PATH (pip install -e .[mpi])")
 
@@ -358,18 +360,23 @@ def test_resume_needs_checkpoints(tmp_path):
 
 
 def test_checkpoint_files_rotate_and_survive_a_torn_latest(tmp_path):
-    from mlpcore.model import MLP, Adam
+    from mlpcore.config import RunConfig
+    from mlpcore.nn.model import build_model
+    from mlpcore.nn.optim import Adam
 
     rng = np.random.default_rng(0)
-    model = MLP((4, 3, 2), rng=rng)
+    model = build_model("mlp", n_features=4, n_classes=2, hidden=(3,), dtype=np.float32, rng=rng)
     opt = Adam(model)
-    fp = json.dumps({"options": {}, "world_size": 1})
+    fp = checkpoint.fingerprint(RunConfig(), world_size=1)
     for epoch in (1, 2, 3):
         model.params += 1
         checkpoint.write(tmp_path, 0, epoch=epoch, losses=[0.5] * epoch, model=model, optimizer=opt, rng=rng,
                          fingerprint=fp)
     latest, prev = checkpoint.paths(tmp_path, 0)
     assert sorted(checkpoint.available(tmp_path, 0, fp)) == [2, 3]
+    saved = checkpoint.read(latest)  # FORMAT 2: the model's spec travels with its parameters
+    assert int(saved["epoch"]) == 3 and json.loads(str(saved["model_spec"])) == json.loads(json.dumps(model.spec()))
+    np.testing.assert_array_equal(saved["params"], model.params)
     assert not [p for p in latest.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
     latest.write_bytes(latest.read_bytes()[:1000])  # a torn or corrupt file is skipped, not trusted
     assert sorted(checkpoint.available(tmp_path, 0, fp)) == [2]
@@ -383,11 +390,11 @@ def test_a_killed_write_leaves_the_old_file(tmp_path):
     """SIGKILL while atomic_write writes a large file: the old file is intact, no partial one."""
     target = tmp_path / "results.json"
     target.write_text(json.dumps({"old": True}))
-    code = ("import sys; from mlpcore.report import atomic_write; "
+    code = ("import sys; from mlpcore.fsio import atomic_write; "
             "atomic_write(sys.argv[1], '[' + '1,' * 50_000_000 + '1]')")
     proc = subprocess.Popen([PYTHON, "-c", code, str(target)], env=cli_env())
     deadline = time.monotonic() + TIMEOUT
-    while not list(tmp_path.glob(".results.json.*")):  # the temporary file exists: it is writing
+    while not list(tmp_path.glob(".results.*")):  # the temporary file exists: it is writing
         assert proc.poll() is None and time.monotonic() < deadline, "the write ended before the kill"
         time.sleep(0.005)
     proc.kill()
@@ -417,7 +424,7 @@ def test_a_killed_overwrite_run_keeps_the_previous_results(tmp_path, start_job):
 
 def test_written_files_are_readable_by_others(tmp_path):
     """Temporary files are private (0600); the renamed results must get the usual mode."""
-    from mlpcore.report import FILE_MODE, atomic_write
+    from mlpcore.fsio import FILE_MODE, atomic_write
 
     atomic_write(tmp_path / "x.json", "{}")
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == FILE_MODE

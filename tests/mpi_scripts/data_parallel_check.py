@@ -13,11 +13,12 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from mlpcore.comm import pin_blas_threads
-from mlpcore.data import load_mnist, shard_bounds, to_float
-from mlpcore.model import MLP
-from mlpcore.strategies import ParallelSettings, train_data_parallel
-from mlpcore.train import train_sequential
+from mlpcore.config import RunConfig
+from mlpcore.data import N_CLASSES, load_mnist, shard_bounds, to_float
+from mlpcore.nn.model import build_model
+from mlpcore.nn.train import train_sequential
+from mlpcore.parallel.blas import pin_blas_threads
+from mlpcore.strategies.data_parallel import train_data_parallel
 
 out_path, n_samples, epochs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 comm = MPI.COMM_WORLD
@@ -28,8 +29,8 @@ data = load_mnist(train_limit=n_samples, test_limit=500)
 x, y = data.x_train, data.y_train
 bounds = shard_bounds(len(x), size)
 shard = slice(bounds[rank], bounds[rank + 1])
-base = ParallelSettings(hidden=(32, 16), epochs=epochs, batch_size=100, lr=1e-3, alpha=1e-4,
-                        dtype="float32", seed=7, bucket_kb=1)  # 1 kB: one bucket per layer
+base = RunConfig(hidden=(32, 16), epochs=epochs, batch_size=100, lr=1e-3, alpha=1e-4,
+                 dtype="float32", seed=7, bucket_kb=1)  # 1 kB: one bucket per layer
 
 
 def params_of_every_rank(params):
@@ -38,16 +39,22 @@ def params_of_every_rank(params):
     return everyone
 
 
+def initial_model(seed):
+    """The model train_data_parallel builds before its broadcast: the same call, the same RNG draws."""
+    return build_model("mlp", n_features=x.shape[1], n_classes=N_CLASSES, hidden=base.hidden,
+                       dtype=np.dtype(base.dtype), rng=np.random.default_rng(seed), kernels=base.kernels)
+
+
 results = {}
 for overlap in ("none", "nonblocking", "thread"):
-    settings = ParallelSettings(**{**base.__dict__, "overlap": overlap})
-    model, losses, stats = train_data_parallel("allreduce", comm, x, y, settings)
+    config = base.replace(overlap=overlap)
+    model, losses, stats = train_data_parallel("allreduce", comm, x, y, config)
     results[f"allreduce_{overlap}"] = params_of_every_rank(model.params)
     results[f"allreduce_{overlap}_calls"] = np.array(stats.calls)
 
 for k in (1, 0):
-    settings = ParallelSettings(**{**base.__dict__, "sync_every": k})
-    model, losses, stats = train_data_parallel("localsgd", comm, x[shard], y[shard], settings)
+    config = base.replace(sync_every=k)
+    model, losses, stats = train_data_parallel("localsgd", comm, x[shard], y[shard], config)
     results[f"localsgd_k{k}"] = params_of_every_rank(model.params)
 
 if rank == 0:
@@ -56,22 +63,22 @@ if rank == 0:
                                    seed=base.seed, dtype=np.float32, lr=base.lr, alpha=base.alpha)
     results["sequential"] = model.params.copy()
     # Reference 2: each rank's local-SGD run with no averaging, replayed here one by
-    # one (COMM_SELF), all starting from rank 0's initial parameters.
-    init, _, _ = train_data_parallel("localsgd", MPI.COMM_SELF, x[:1], y[:1],
-                                     ParallelSettings(**{**base.__dict__, "epochs": 0}))
+    # one (COMM_SELF), all starting from rank 0's initial parameters: the ones the
+    # strategy broadcasts, built from default_rng(seed + 0) (localsgd seeds seed + rank).
+    init = initial_model(base.seed)
     independent = []
     for r in range(size):
         part = slice(bounds[r], bounds[r + 1])
         # Alone on COMM_SELF a rank's batch is the whole --batch-size: give it its share.
-        settings = ParallelSettings(**{**base.__dict__, "sync_every": 0, "seed": base.seed + r,
-                                       "batch_size": base.batch_size // size})
-        model, _, _ = train_data_parallel("localsgd", MPI.COMM_SELF, x[part], y[part], settings,
+        config = base.replace(sync_every=0, seed=base.seed + r, batch_size=base.batch_size // size)
+        model, _, _ = train_data_parallel("localsgd", MPI.COMM_SELF, x[part], y[part], config,
                                           initial_params=init.params)
         independent.append(model.params.copy())
     results["independent_mean"] = np.mean(independent, axis=0, dtype=np.float64)
     results["init"] = init.params.copy()
     # Test accuracy of each final model, for the comparisons that are not exact.
-    probe = MLP((x.shape[1], *base.hidden, 10), dtype=np.float32, rng=np.random.default_rng(0))
+    probe = build_model("mlp", n_features=x.shape[1], n_classes=N_CLASSES, hidden=base.hidden,
+                        dtype=np.float32, rng=np.random.default_rng(0))
     x_test = to_float(data.x_test)
     for key in ("allreduce_none", "localsgd_k1", "localsgd_k0"):
         probe.params[...] = results[key][0]
