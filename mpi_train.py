@@ -11,7 +11,8 @@ Launch it one of these ways (from the repository root):
     python mpi_train.py --help                       # every option, with defaults
 
 Exit status: 0 on success, 2 for bad input (options, data, output folder),
-1 for any other failure, 130 when interrupted. Under MPI a failure on any
+1 for any other failure, 130 when interrupted, 143 when terminated (SIGTERM:
+scancel, mpirun tearing the job down). Under MPI a failure on any
 rank ends every rank.
 """
 

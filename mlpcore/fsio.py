@@ -111,6 +111,7 @@ def prepare_run_dir(run_dir, *, reuse=False):
                          "pass --overwrite to write into it, or choose another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(run_dir)  # an earlier, killed run's (--overwrite, --resume)
         probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as exc:
@@ -118,7 +119,28 @@ def prepare_run_dir(run_dir, *, reuse=False):
     return run_dir
 
 
+def remove_stale_temp_files(run_dir):
+    """Remove the temporary files of :func:`atomic_path` that a killed process left in ``run_dir``.
+
+    A process killed while writing (SIGKILL cannot be caught) leaves its hidden
+    ``.NAME.XXXX.SUFFIX.tmp``; no final file is ever torn. Looks in the folder
+    and its subfolders (``checkpoints/``); returns what it removed.
+    """
+    removed = []
+    for path in Path(run_dir).rglob(".*.tmp"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def discard_run_dir(run_dir):
-    """After a failed run: remove the folder if the run left it empty."""
-    if run_dir is not None and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
-        Path(run_dir).rmdir()
+    """After a failed run: remove temporary files left there, then the folder if the run left it empty."""
+    if run_dir is None or not Path(run_dir).is_dir():
+        return
+    remove_stale_temp_files(run_dir)
+    for sub in (Path(run_dir) / "checkpoints", Path(run_dir)):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()

@@ -1,13 +1,15 @@
-"""The stall watchdog behind ``--stall-timeout S``: name the ranks a collective is waiting for.
+"""The stall watchdog behind ``--stall-timeout S``: name the ranks (and nodes) a collective is waiting for.
 
-A rank that deadlocks, or waits on a network that has gone away, leaves the
-other ranks blocked in their next collective, and the job hangs until the
-scheduler's time limit. With ``--stall-timeout S`` the job instead ends after
-about ``S`` seconds with::
+A rank that deadlocks, is frozen, or waits on a network that has gone away,
+leaves the other ranks blocked in their next collective, and the job would hang
+until the scheduler's time limit. The watchdog is on by default (S = 300 s, as
+Horovod's stall check is on by default; ``--stall-timeout 0`` turns it off):
+after a fifth of S (at most 60 s) of one-sided waiting it warns, and after S
+the job ends with::
 
-    stall: ranks [1] have not reached gather (collective #7) after 3.0 s; ending the job
+    stall: ranks [1] on node1 have not reached gather (collective #7) after 300.0 s; ending the job
 
-How it works (MPI only; nothing runs without the option):
+How it works (MPI with 2+ ranks only):
 
 * every rank counts the *watched* collectives it enters and, on entering one,
   tells rank 0 "I am at collective #k (name)" with a tiny non-blocking send
@@ -35,7 +37,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from .launchers import ABORT_GRACE_S
+from .launchers import ABORT_GRACE_S, require_thread_multiple
 
 TAG = 77
 POLL_S = 0.05
@@ -51,15 +53,24 @@ class Watchdog:
         create its watchdog at the same point).
     timeout : float
         Seconds a rank may wait at a collective for the others.
+    hosts : list of str, optional
+        Each rank's node, so that the messages name the nodes too.
     """
 
-    def __init__(self, comm, timeout):
+    #: Warn after this many seconds of one-sided waiting (or a fifth of the timeout, if shorter).
+    WARN_AFTER_S = 60.0
+
+    def __init__(self, comm, timeout, hosts=None):
         from mpi4py import MPI
 
         self.MPI = MPI
+        require_thread_multiple(MPI, "--stall-timeout (rank 0 watches on a thread)")
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.timeout = float(timeout)
+        self.warn_after = min(self.WARN_AFTER_S, self.timeout / 5)
+        self.hosts = list(hosts) if hosts else None
+        self._warned = None
         self.count = 0
         self._pending = []  # this rank's unfinished notes to rank 0
         self._thread = None
@@ -121,15 +132,21 @@ class Watchdog:
             print(f"warning: the stall watchdog stopped: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def _check(self):
-        lines = find_stall(self.latest, time.monotonic(), self.timeout)
+        now = time.monotonic()
+        warning = stall_warning(self.latest, now, self.warn_after, self.timeout, self.hosts)
+        where = _waiting(self.latest, now)[2] if warning is not None else None
+        if warning is not None and where != self._warned:
+            self._warned = where  # once per stalled collective
+            print(warning, file=sys.stderr, flush=True)
+        lines = find_stall(self.latest, now, self.timeout, self.hosts)
         if lines:
             print("\n".join(lines), file=sys.stderr, flush=True)  # one write: all of it or nothing
             time.sleep(ABORT_GRACE_S)  # let mpirun forward it before MPI_Abort tears the job down
             self.MPI.COMM_WORLD.Abort(1)
 
 
-def find_stall(latest, now, timeout):
-    """The stall report (lines of text), or None when no rank has waited longer than ``timeout``.
+def _waiting(latest, now):
+    """``(missing, waiting, where, waited)`` of the collective the most advanced ranks wait at, or None.
 
     ``latest[r] = (k, name, when)``: rank ``r`` last entered watched collective
     number ``k`` (-1: it has finished the run), called ``name``, at ``when``
@@ -147,16 +164,44 @@ def find_stall(latest, now, timeout):
     if not missing:
         return None
     since, name = min((when, name) for k, name, when in active.values() if k == ahead)
-    waited = now - since
-    if waited <= timeout:
-        return None
     waiting = sorted(r for r, (k, _, _) in active.items() if k == ahead)
     where = name if ahead == inf else f"{name} (collective #{ahead})"
-    lines = [f"stall: ranks {missing} have not reached {where} after {waited:.1f} s "
-             f"(--stall-timeout {timeout:g}); ranks {waiting} are waiting there; ending the job"]
+    return missing, waiting, where, now - since
+
+
+def _ranks(ranks, hosts):
+    """``"ranks [1]"``, or ``"ranks [1] on node2"`` when the hosts are known."""
+    if not hosts:
+        return f"ranks {ranks}"
+    nodes = sorted({hosts[r] for r in ranks if r < len(hosts)})
+    return f"ranks {ranks} on {', '.join(nodes)}"
+
+
+def find_stall(latest, now, timeout, hosts=None):
+    """The stall report (lines of text), or None when no rank has waited longer than ``timeout``.
+
+    See :func:`_waiting` for ``latest``; ``hosts[r]`` names rank ``r``'s node.
+    """
+    state = _waiting(latest, now)
+    if state is None or state[3] <= timeout:
+        return None
+    missing, waiting, where, waited = state
+    lines = [f"stall: {_ranks(missing, hosts)} have not reached {where} after {waited:.1f} s "
+             f"(--stall-timeout {timeout:g}); {_ranks(waiting, hosts)} are waiting there; ending the job"]
     lines += [f"stall: rank {r} was last seen entering {latest[r][1]} (collective #{latest[r][0]})"
               for r in missing]
     return lines
+
+
+def stall_warning(latest, now, after, timeout, hosts=None):
+    """A one-line warning once the waiting has lasted ``after`` seconds (before the end at ``timeout``), or None."""
+    state = _waiting(latest, now)
+    if state is None or state[3] <= after:
+        return None
+    missing, waiting, where, waited = state
+    return (f"warning: stall: {_ranks(missing, hosts)} have not reached {where} after {waited:.0f} s; "
+            f"{_ranks(waiting, hosts)} are waiting there; the job ends at {timeout:g} s "
+            "(--stall-timeout; 0 turns the watchdog off)")
 
 
 @contextmanager
@@ -165,10 +210,10 @@ def watching(launcher, timeout):
 
     Enter it on every rank after the options agree, so that every rank has the same timeout.
     """
-    if timeout is None or launcher.comm is None or launcher.size < 2:
+    if not timeout or launcher.comm is None or launcher.size < 2:
         yield
         return
-    launcher.watchdog = Watchdog(launcher.comm, timeout)
+    launcher.watchdog = Watchdog(launcher.comm, timeout, hosts=getattr(launcher, "hosts", None))
     try:
         yield
     except BaseException as exc:

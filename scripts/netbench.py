@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Measure a link: point-to-point and allreduce latency/bandwidth, fitted to the alpha-beta-gamma model.
+
+Two ways to run it:
+
+* **Under MPI, 2 ranks** (any launcher): measures the link between rank 0 and rank 1,
+  whatever it is, and writes JSON. On a cluster, the same under sbatch::
+
+      sbatch --nodes=2 --ntasks-per-node=1 --wrap "srun --mpi=pmi2 python scripts/netbench.py --out netbench.json"
+      mpirun -n 2 python scripts/netbench.py --out shm.json           # one node: shared memory
+
+* **On this machine, emulated** (root; scripts/netns_cluster.py)::
+
+      python scripts/netbench.py --emulate --out netbench.json
+
+  runs it twice: ``shm`` (one emulated node, 2 ranks: MPICH's shared memory) and ``tcp``
+  (2 emulated nodes x 1 rank: UCX over TCP through the veths and the bridge), and writes
+  both links into one JSON file.
+
+Model (Hockney, with Rabenseifner's allreduce for p ranks)::
+
+    point-to-point, n bytes, one way:   t = alpha + beta * n
+    allreduce, n bytes, p ranks:        t = 2 log2(p) alpha + 2 (p-1)/p n beta + (p-1)/p n gamma
+
+alpha (s), beta (s/byte) and gamma (reduction s/byte) are fitted per link by weighted
+least squares over all the measurements at once (each row weighted by 1/t, so the fit
+minimises relative errors and small messages count as much as large ones); the JSON keeps
+every measurement, the fitted value of each and its relative residual, and the RMS
+relative residual. Message sizes: 8 B to 16 MiB by factors of 4 (``--sizes`` to change).
+Times are the minimum over ``--trials`` batches of the mean over a batch, a guard against
+a busy machine; on a shared 2-core box treat the numbers as indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SIZES = [8 * 4**k for k in range(12)]   # 8 B .. 32 MiB; trimmed to <= 16 MiB below
+DEFAULT_SIZES = [n for n in DEFAULT_SIZES if n <= 16 * 2**20] + [16 * 2**20]
+DEFAULT_SIZES = sorted(set(DEFAULT_SIZES))
+
+
+def reps_for(n):
+    return max(3, min(400, int(2e6 / max(n, 1e3))))      # ~2 MB per batch, 3..400 round trips
+
+
+# --------------------------------------------------------------------------- measuring (under MPI)
+def measure(comm, sizes, trials):
+    from mpi4py import MPI
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    rows = []
+    for n in sizes:
+        count = max(1, n // 4)                            # float32 elements
+        a = np.ones(count, np.float32)
+        b = np.empty_like(a)
+        reps = reps_for(n)
+        # point-to-point ping-pong between ranks 0 and 1 (one-way time = round trip / 2)
+        best = math.inf
+        for trial in range(trials + 1):                  # trial 0 warms up
+            comm.Barrier()
+            t0 = MPI.Wtime()
+            for _ in range(reps):
+                if rank == 0:
+                    comm.Send(a, dest=1, tag=7)
+                    comm.Recv(b, source=1, tag=7)
+                elif rank == 1:
+                    comm.Recv(b, source=0, tag=7)
+                    comm.Send(a, dest=0, tag=7)
+            t = (MPI.Wtime() - t0) / (2 * reps)
+            if trial:
+                best = min(best, t)
+        best = comm.bcast(best, root=0)
+        rows.append({"op": "p2p", "bytes": count * 4, "seconds": best, "reps": reps})
+        best = math.inf
+        for trial in range(trials + 1):
+            comm.Barrier()
+            t0 = MPI.Wtime()
+            for _ in range(reps):
+                comm.Allreduce(a, b, op=MPI.SUM)
+            t = comm.allreduce((MPI.Wtime() - t0) / reps, op=MPI.MAX)
+            if trial:
+                best = min(best, t)
+        rows.append({"op": "allreduce", "bytes": count * 4, "seconds": best, "reps": reps, "ranks": size})
+    return rows
+
+
+def fit(rows, p):
+    """Weighted least squares for (alpha, beta, gamma); returns the fit dict (rows get fitted/residual)."""
+    lg = math.log2(p) if p > 1 else 0.0
+    A, y = [], []
+    for r in rows:
+        n = r["bytes"]
+        if r["op"] == "p2p":
+            A.append([1.0, n, 0.0])
+        else:
+            A.append([2 * lg, 2 * (p - 1) / p * n, (p - 1) / p * n])
+        y.append(r["seconds"])
+    A, y = np.array(A), np.array(y)
+    w = 1.0 / y                                           # relative errors
+    coef, *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
+    fitted = A @ coef
+    rel = (fitted - y) / y
+    for r, f, e in zip(rows, fitted, rel):
+        r["fitted_seconds"] = float(f)
+        r["relative_residual"] = float(e)
+        r["bandwidth_MBps"] = r["bytes"] / r["seconds"] / 1e6
+    alpha, beta, gamma = (float(c) for c in coef)
+    return {"alpha_s": alpha, "beta_s_per_byte": beta, "gamma_s_per_byte": gamma,
+            "bandwidth_GBps": (1 / beta / 1e9) if beta > 0 else None,
+            "rms_relative_residual": float(np.sqrt(np.mean(rel ** 2))),
+            "max_abs_relative_residual": float(np.max(np.abs(rel))),
+            "model": {"p2p": "alpha + beta*n",
+                      "allreduce": "2*log2(p)*alpha + 2*(p-1)/p*n*beta + (p-1)/p*n*gamma (Rabenseifner)"}}
+
+
+def rank_main(args):
+    import mpi4py
+
+    mpi4py.rc.thread_level = "multiple"                   # as mlpcore runs it
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() < 2:
+        sys.exit("netbench: needs 2 ranks or more (mpirun -n 2 / srun -n 2)")
+    hosts = comm.allgather(MPI.Get_processor_name())
+    rows = measure(comm, args.sizes, args.trials)
+    if comm.Get_rank() != 0:
+        return 0
+    p = comm.Get_size()
+    link = args.link or ("shm" if hosts[0] == hosts[1] else "inter-node")
+    result = {"link": link, "ranks": p, "hosts": hosts, "mpi": MPI.Get_library_version().splitlines()[0],
+              "env": {k: os.environ[k] for k in ("UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER") if k in os.environ},
+              "fit": fit(rows, p), "measurements": rows}
+    text = json.dumps({"links": {link: result}}, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    print(summary(link, result), file=sys.stderr)
+    return 0
+
+
+def summary(link, r):
+    f = r["fit"]
+    lines = [f"{link:10s} alpha {f['alpha_s'] * 1e6:9.2f} us   beta {f['beta_s_per_byte'] * 1e9:8.4f} ns/B "
+             f"({(f['bandwidth_GBps'] or float('nan')):6.2f} GB/s)   gamma {f['gamma_s_per_byte'] * 1e9:8.4f} ns/B   "
+             f"rms residual {f['rms_relative_residual'] * 100:5.1f}%  ({r['ranks']} ranks on {sorted(set(r['hosts']))})"]
+    for m in r["measurements"]:
+        lines.append(f"    {m['op']:9s} {m['bytes']:>9d} B  {m['seconds'] * 1e6:11.2f} us  "
+                     f"{m['bandwidth_MBps']:9.1f} MB/s  fit {m['relative_residual'] * 100:+6.1f}%")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- emulated links (root)
+def emulate_main(args):
+    sys.path.insert(0, str(HERE))
+    import netns_cluster as nc
+
+    python = args.python or sys.executable
+    me = [python, str(Path(__file__).resolve()), "--trials", str(args.trials),
+          "--sizes", ",".join(map(str, args.sizes))]
+    links = {}
+    with nc.EmulatedCluster(nodes=2) as cluster:
+        plans = [("shm", ["node0"], 2), ("tcp", ["node0", "node1"], 1)]
+        for link, hosts, ppn in plans:
+            out = Path(args.out or "netbench.json").with_suffix(f".{link}.part.json")
+            run = cluster.mpirun([*me, "--link", link, "--out", str(out)], ppn=ppn, hosts=hosts,
+                                 timeout=args.timeout)
+            if run.returncode != 0 or not out.exists():
+                sys.stderr.write(run.output)
+                sys.exit(f"netbench: the {link} run failed ({run.returncode})")
+            links.update(json.loads(out.read_text())["links"])
+            out.unlink()
+    text = json.dumps({"links": links, "machine": {"cores": os.cpu_count(), "emulated": True}}, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"netbench: wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    for link, r in links.items():
+        print(summary(link, r), file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--emulate", action="store_true", help="run shm and tcp links on emulated nodes (root)")
+    ap.add_argument("--out", help="JSON file (default: stdout)")
+    ap.add_argument("--link", help="name of the link in the JSON (default: shm or inter-node from the hosts)")
+    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_SIZES,
+                    help="message sizes in bytes, comma-separated (default 8 B .. 16 MiB)")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300, help="--emulate: seconds per run")
+    ap.add_argument("--python", help="--emulate: interpreter for the ranks (default: this one)")
+    args = ap.parse_args(argv)
+    return emulate_main(args) if args.emulate else rank_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
