@@ -14,6 +14,42 @@ On top: :mod:`mlpcore.config` (the typed :class:`RunConfig`), :mod:`mlpcore.cli`
 (argv -> config -> experiment), :mod:`mlpcore.experiment` (orchestration) and
 :mod:`mlpcore.results` (the results.json contract). :mod:`mlpcore.testing` holds
 the test-only fault switch.
+
+The Python API, imported on first use (``import mlpcore`` stays light: no
+numpy, plots, scikit-learn or MPI until you call something):
+
+- :func:`run` - one experiment, the same options and run folder as the command line (:mod:`mlpcore.api`).
+- :func:`load_results` - the typed :class:`~mlpcore.api.Results` of a saved run.
+- :class:`MLPClassifier` - a scikit-learn estimator on mlpcore's MLP (:mod:`mlpcore.estimator`).
+- :class:`RunConfig` - every option of a run, validated; :class:`UsageError` - what bad input raises.
 """
 
 __version__ = "0.1.0"
+
+# name -> (module, attribute), resolved by __getattr__ (PEP 562) on first access.
+_LAZY = {
+    "run": ("mlpcore.api", "run"),
+    "load_results": ("mlpcore.api", "load_results"),
+    "Results": ("mlpcore.api", "Results"),
+    "MLPClassifier": ("mlpcore.estimator", "MLPClassifier"),
+    "RunConfig": ("mlpcore.config", "RunConfig"),
+    "UsageError": ("mlpcore.errors", "UsageError"),
+    "MlpcoreError": ("mlpcore.errors", "MlpcoreError"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value  # the next access is a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

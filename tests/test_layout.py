@@ -17,7 +17,7 @@ WINGS = ("testing", "data", "nn", "parallel", "strategies", "report", "study")
 #: Modules below every wing (they import nothing of mlpcore but each other).
 BASE = ("errors", "fsio")
 #: Modules above every wing: the entry points and the run's orchestration.
-TOP = ("config", "cli", "experiment", "results", "__main__", "__init__")
+TOP = ("config", "cli", "experiment", "results", "api", "estimator", "__main__", "__init__")
 
 
 def module_name(path, root=REPO):

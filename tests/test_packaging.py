@@ -78,10 +78,10 @@ def conda_env():
 
 
 def required(pyproject):
-    """Runtime dependencies and the mpi and test extras: {name: lower bound}."""
+    """Runtime dependencies and the mpi, test and notebook extras: {name: lower bound}."""
     reqs = list(pyproject["project"]["dependencies"])
     extras = pyproject["project"]["optional-dependencies"]
-    reqs += extras["mpi"] + extras["test"]
+    reqs += extras["mpi"] + extras["test"] + extras["notebook"]
     return dict(parse_req(r) for r in reqs)
 
 
@@ -98,7 +98,7 @@ def test_every_requirement_is_in_environment_yml_with_the_same_lower_bound(pypro
 
 def test_environment_yml_has_nothing_pyproject_lacks(pyproject, conda_env):
     extra = set(conda_env["deps"]) - set(required(pyproject)) - {"python", "pip"}
-    assert not extra, f"in environment.yml but not in pyproject's dependencies/mpi/test extras: {sorted(extra)}"
+    assert not extra, f"in environment.yml but not in pyproject's dependencies/mpi/test/notebook extras: {sorted(extra)}"
 
 
 def test_python_version_and_editable_install(pyproject, conda_env):

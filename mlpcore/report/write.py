@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fsio import atomic_write
-from .console import summary_table
+from .console import colour_enabled, paint, run_footer, summary_table
 from .markdown import report_markdown
 from .metrics import classification_report
 from .trace import write_trace
@@ -61,12 +61,14 @@ def write_run(run_dir, results, predictions, *, plots=True, show=False, draw=Non
     atomic_write(run_dir / "report.md", report_markdown(results, table, reports, figures))
 
     out = sys.stdout
-    print(table, file=out)
+    colour = colour_enabled(out)  # a terminal only: never in report.md, a pipe or a notebook
+    print(summary_table(results, colour=True) if colour else table, file=out)
     for title, text in reports.items():
         print(f"\nClassification report: {title}\n{text}", file=out)
     for note in results["warnings"]:
-        print(f"warning: {note}", file=sys.stderr)
-    print(f"\nresults: {run_dir / 'results.json'}", file=out)
+        print(paint(f"warning: {note}", "warn", colour_enabled(sys.stderr)), file=sys.stderr)
+    out.flush()
+    print("\n" + run_footer(run_dir, colour=colour), file=out)
     if show and figures:
         import matplotlib.pyplot as plt
 
