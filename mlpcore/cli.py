@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 
-from .config import (LAUNCHERS, MAX_UNITS, OVERLAPS, STRATEGIES, TRAINERS, VOTES, DTYPES, SOURCES, RunConfig)
+from .config import (DEFAULT_STALL_TIMEOUT_S, LAUNCHERS, MAX_UNITS, OVERLAPS, STRATEGIES, TRAINERS, VOTES, DTYPES, SOURCES, RunConfig)
 from .errors import MlpcoreError, UsageError
 from .nn.kernels import KERNELS
+from .nn.model import MODELS
 from .parallel.launchers import env_rank
 
 EXIT_USAGE = 2
@@ -38,6 +41,24 @@ class _Parser(argparse.ArgumentParser):
         # `mpirun -n 4 python mpi_train.py --help`: print the help once, not once per rank.
         if env_rank() == 0:
             super()._print_message(message, file)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once, at the end of its help, as it is typed (``128``, not ``(128,)``).
+
+    No default is shown for flags (off unless given), for options whose default
+    is "none" (their help says what that means), or where the help already
+    states it (``(default: ...)``).
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == argparse.SUPPRESS
+                or "(default" in text or action.nargs == 0):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
 def _positive_int(text):
@@ -95,7 +116,7 @@ def build_parser():
         description="Train MLP classifiers on MNIST in parallel and report what parallelism "
                     "bought (speed-up, efficiency) and cost (accuracy) against a sequential baseline.",
         epilog="Launch: mpirun -n 4 python mpi_train.py | python mpi_train.py --jobs 4 (joblib, no MPI)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     run = p.add_argument_group("what to run")
     run.add_argument("--strategy", choices=STRATEGIES, default="ensemble",
@@ -111,9 +132,13 @@ def build_parser():
                      help="run every strategy in one launch on the same data and print one table")
 
     model = p.add_argument_group("model and training (scikit-learn MLPClassifier defaults)")
+    model.add_argument("--model", choices=MODELS, default="mlp",
+                       help="mlp: the multi-layer perceptron of --hidden; lenet5: LeNet-5 (two 5x5 convolutions "
+                            "with ReLU and 2x2 max-pooling, then dense 120-84-10)")
     model.add_argument("--hidden", type=_hidden, default=(128,), metavar="W[,W...]",
-                       help="hidden layer widths, e.g. 128 or 512,256")
-    model.add_argument("--epochs", type=_positive_int, default=10)
+                       help="hidden layer widths of --model mlp, e.g. 128 or 512,256 (LeNet-5's are fixed)")
+    model.add_argument("--epochs", type=_positive_int, default=10,
+                       help="passes over the training data (each ensemble member over its shard)")
     model.add_argument("--batch-size", type=_positive_int, default=200,
                        help="mini-batch size (allreduce, localsgd: the global batch, split across ranks)")
     model.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -153,11 +178,12 @@ def build_parser():
                       help="keras: load with tf.keras.datasets.mnist (needs TensorFlow)")
     data.add_argument("--download", action="store_true",
                       help="fetch the keras mirror's mnist.npz (checksum-verified) to --data or keras' cache")
-    data.add_argument("--mirror", default=None, metavar="URL", help="download from this URL instead")
+    data.add_argument("--mirror", default=None, metavar="URL",
+                      help="with --download: fetch from this URL instead of the keras mirror")
     data.add_argument("--train-limit", type=_positive_int, default=None, metavar="N",
-                      help="use the first N training images")
+                      help="use the first N training images (default: all 60,000)")
     data.add_argument("--test-limit", type=_positive_int, default=None, metavar="N",
-                      help="use the first N test images")
+                      help="use the first N test images (default: all 10,000)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
@@ -165,21 +191,48 @@ def build_parser():
     out.add_argument("--overwrite", action="store_true", help="allow writing into an existing run folder")
     out.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     out.add_argument("--show", action="store_true", help="open the figures in windows")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--quiet", action="store_true", help="no progress bar while training")
 
     rel = p.add_argument_group("reliability")
-    rel.add_argument("--stall-timeout", type=float, default=None, metavar="S",
-                     help="abort, naming the missing ranks, when a collective waits longer than S seconds")
+    rel.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S, metavar="S",
+                     help="MPI: end the job, naming the missing ranks and nodes, when a collective waits longer "
+                          "than S seconds for them (a warning comes first, after a fifth of S, at most 60 s); "
+                          "0 = off")
     rel.add_argument("--checkpoint-every", type=_non_negative_int, default=0, metavar="E",
                      help="write a checkpoint every E epochs (0 = never)")
     rel.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue from the last complete checkpoint in RUN_DIR")
+
+    command = p.add_argument_group("this command")
+    command.add_argument("--dry-run", action="store_true",
+                         help="print the resolved plan (launcher, ranks, threads, cores, model size and FLOPs, "
+                              "shards, bytes to move) and exit without training")
+    command.add_argument("--version", action="store_true",
+                         help="print mlpcore's version and the MPI library it would use, and exit")
     return p
+
+
+#: Options of the command itself, not of a run: they are not :class:`RunConfig` fields.
+COMMAND_ONLY = ("dry_run", "version")
+
+
+def _parse(argv):
+    """``(RunConfig keywords, {"dry_run": bool, "version": bool})`` of the command line."""
+    options = vars(build_parser().parse_args(argv))
+    return options, {name: options.pop(name) for name in COMMAND_ONLY}
 
 
 def parse_args(argv=None):
     """Parse and validate the command line into a :class:`RunConfig`; raises :class:`UsageError` on bad input."""
-    return RunConfig(**vars(build_parser().parse_args(argv)))
+    return RunConfig(**_parse(argv)[0])
+
+
+class Terminated(BaseException):
+    """SIGTERM (``scancel``, mpirun tearing a job down), raised so that every clean-up on the way out runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def main(argv=None):
@@ -187,8 +240,21 @@ def main(argv=None):
     from .experiment import Experiment
 
     experiment = None
+    # SIGTERM as an exception: a half-written temporary file is removed, the folder of a
+    # failed run discarded. Only in the main thread (signal handlers live there).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
-        experiment = Experiment(parse_args(argv))
+        options, command = _parse(argv)
+        if command["version"]:
+            if env_rank() == 0:
+                print(version_text())
+            return 0
+        config = RunConfig(**options)
+        if command["dry_run"]:
+            dry_run(config)
+            return 0
+        experiment = Experiment(config)
         experiment.run()
         return 0
     except MlpcoreError as exc:
@@ -203,10 +269,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         _fail_job(experiment, "interrupted", 130)
         return 130
+    except Terminated:
+        _fail_job(experiment, "terminated (SIGTERM)", 143)
+        return 143
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a hang
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         _fail_job(experiment, detail, EXIT_FAILURE, tb=traceback.format_exc(), exc=exc)
         return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _launched(experiment):
@@ -234,3 +306,125 @@ def _fail_job(experiment, message, code, tb=None, exc=None):
     print(f"error ({where}): {message}", file=sys.stderr, flush=True)
     if _multi_rank(experiment):
         launcher.abort(code)
+
+
+# -- --version and --dry-run ------------------------------------------------------------------------
+def mpi_library():
+    """The MPI library mpi4py would load, in one line, without starting MPI (None: no mpi4py)."""
+    try:
+        import mpi4py
+    except ImportError:
+        return None
+    mpi4py.rc.initialize = False  # only ask which library it is: MPI_Get_library_version needs no MPI_Init
+    mpi4py.rc.finalize = False
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # mpi4py without a loadable MPI library
+        return f"none: mpi4py {mpi4py.__version__} found no MPI library ({exc})"
+    return f"{MPI.Get_library_version().strip().splitlines()[0]} (mpi4py {mpi4py.__version__})"
+
+
+def version_text():
+    """What ``--version`` prints: mlpcore's version, Python and numpy, and the MPI library (or what to install)."""
+    import platform
+    import shutil
+
+    import numpy
+
+    from . import __version__
+
+    lines = [f"mlpcore {__version__} (Python {platform.python_version()}, numpy {numpy.__version__})"]
+    library = mpi_library()
+    if library is None:
+        lines.append("MPI: none, mpi4py is not installed (the joblib and serial launchers only); "
+                     "pip install -e .[mpi] brings mpirun")
+    else:
+        mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+        lines.append(f"MPI: {library}; mpirun: {mpirun or 'not on PATH'}")
+    return "\n".join(lines)
+
+
+def _flops_per_sample(model):
+    """Training FLOPs of one sample: the model's own count where it has one, else 2 x the Dense layers' MACs
+    for the forward pass, the weight gradients and the input gradients of all but the first layer."""
+    count = getattr(model, "flops_per_sample", None)
+    if callable(count):
+        return int(count())
+    from .nn.layers import Dense
+
+    macs = [layer.fan_in * layer.fan_out for layer in model.layers if isinstance(layer, Dense)]
+    return 2 * (2 * sum(macs) + sum(macs[1:]))
+
+
+def _plan_data(config):
+    """``(n_train, n_test, n_features, origin)`` of the data the run would load (nothing is downloaded)."""
+    from .data import N_FEATURES, load_mnist
+
+    if config.download:
+        n_train, n_test = 60_000, 10_000  # the canonical set the keras mirror serves
+        return (min(n_train, config.train_limit or n_train), min(n_test, config.test_limit or n_test), N_FEATURES,
+                f"to be downloaded from {config.mirror or 'the keras mirror'} (--download)")
+    data = load_mnist(config.data, source=config.source, train_limit=config.train_limit,
+                      test_limit=config.test_limit)
+    return data.n_train, data.n_test, data.n_features, data.origin
+
+
+def plan(config, launcher, n_train, n_test, n_features, origin):
+    """The plan ``--dry-run`` prints, as a dict (:func:`mlpcore.report.console.plan_table` lays it out).
+
+    The bytes are those a run reports in results.json (``strategy.comm``):
+    the uint8 shards scattered (or the whole training set broadcast, for
+    allreduce), the test set broadcast, the float32 probabilities gathered,
+    and the parameters allreduced (every step, or every ``--sync-every``).
+    """
+    import numpy as np
+
+    from .data import N_CLASSES, shard_bounds
+    from .nn.model import build_model
+
+    name = getattr(config, "model", "mlp")
+    model = build_model(name, n_features=n_features, n_classes=N_CLASSES, hidden=config.hidden,
+                        dtype=np.dtype(config.dtype), rng=np.random.default_rng(0), kernels="numpy")
+    size, itemsize = launcher.size, np.dtype(config.dtype).itemsize
+    shards = [int(n) for n in np.diff(shard_bounds(n_train, size))]
+    param_bytes = model.n_params * itemsize
+    train_bytes = n_train * (n_features + 1)  # uint8 pixels and labels
+    moves = {}
+    for strategy in config.strategies:
+        if strategy == "ensemble":
+            moves[strategy] = {"scatter": train_bytes, "bcast": n_test * n_features * (size - 1),
+                               "gather": size * n_test * N_CLASSES * 4}
+        elif strategy == "allreduce":
+            steps = config.epochs * -(-n_train // min(config.batch_size, n_train))
+            moves[strategy] = {"bcast": train_bytes * (size - 1), "allreduce": steps * param_bytes * size}
+        else:
+            local_batch = min(max(1, config.batch_size // size), max(shards))
+            steps = config.epochs * min(-(-max(shards) // local_batch), min(shards))
+            syncs = steps // config.sync_every + (steps % config.sync_every > 0) if config.sync_every else 1
+            moves[strategy] = {"scatter": train_bytes, "allreduce": syncs * param_bytes * size}
+    return {
+        "strategies": list(config.strategies), "vote": config.vote, "launcher": launcher.name, "workers": size,
+        "nodes": len(set(getattr(launcher, "hosts", None) or ["this machine"])),
+        "workers_per_node": launcher.workers_per_node, "threads": launcher.threads, "cores": launcher.cores,
+        "oversubscribed": bool(launcher.oversubscribed),
+        "fitting_workers": max(1, launcher.cores // launcher.threads),
+        "mpi_library": launcher.mpi_library(),
+        "model": {"name": name, "layers": [layer.spec() for layer in model.layers], "n_params": model.n_params,
+                  "flops_per_sample": _flops_per_sample(model), "dtype": config.dtype, "trainer": config.trainer},
+        "data": {"n_train": n_train, "n_test": n_test, "origin": origin},
+        "shards": shards, "epochs": config.epochs, "batch_size": config.batch_size,
+        "baselines": [] if config.no_baseline else list(config.baseline_threads),
+        "bytes": moves,
+        "out": config.out or f"runs/<UTC time>-{'compare' if config.compare else config.strategy}-n{size}",
+    }
+
+
+def dry_run(config):
+    """``--dry-run``: start the launcher, read the data's size (on the root), print the plan there; train nothing."""
+    from .parallel.launchers import make_launcher
+    from .report.console import colour_enabled, plan_table
+
+    launcher = make_launcher(config)
+    sizes = launcher.on_root(lambda: _plan_data(config), "load")
+    if launcher.is_root:
+        print(plan_table(plan(config, launcher, *sizes), colour=colour_enabled(sys.stdout)), flush=True)

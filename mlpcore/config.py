@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .nn.kernels import KERNELS
+from .nn.model import MODELS
 
 STRATEGIES = ("ensemble", "allreduce", "localsgd")
 LAUNCHERS = ("auto", "mpi", "joblib", "serial")
@@ -32,6 +33,11 @@ MAX_UNITS = 100_000
 MAX_BATCH = 1_000_000
 MAX_LR = 10.0
 MAX_SEED = 2**31 - 1  # seed + rank must stay a valid seed for numpy and scikit-learn
+# The stall watchdog is on by default, as Horovod's stall check: a warning naming the
+# missing ranks after STALL_WARN_S of one-sided waiting, the end of the job after the
+# timeout. 300 s is far beyond any legitimate gap between ranks reaching one collective
+# (the spread of the ensemble members' training times on an oversubscribed node is seconds).
+DEFAULT_STALL_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class RunConfig:
     trainer: str = "numpy"
     compare: bool = False
     # model and training
+    model: str = "mlp"
     hidden: tuple = (128,)
     epochs: int = 10
     batch_size: int = 200
@@ -81,7 +88,7 @@ class RunConfig:
     show: bool = False
     quiet: bool = False
     # reliability
-    stall_timeout: float | None = None
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S
     checkpoint_every: int = 0
     resume: str | None = None
 
@@ -146,9 +153,10 @@ def _validate(c):
             raise UsageError(f"--{name} expects a path (a non-empty string), got {value!r}")
     _number("lr", c.lr)
     _number("alpha", c.alpha)
-    _number("stall-timeout", c.stall_timeout, allow_none=True)
+    _number("stall-timeout", c.stall_timeout)
     for name, choices in (("strategy", STRATEGIES), ("launcher", LAUNCHERS), ("trainer", TRAINERS),
-                          ("vote", VOTES), ("overlap", OVERLAPS), ("kernels", KERNELS), ("source", SOURCES)):
+                          ("vote", VOTES), ("overlap", OVERLAPS), ("kernels", KERNELS), ("source", SOURCES),
+                          ("model", MODELS)):
         _one_of(name.replace("_", "-"), getattr(c, name), choices)
     if c.dtype is not None:
         _one_of("dtype", c.dtype, DTYPES)
@@ -172,8 +180,8 @@ def _validate(c):
         raise UsageError(f"--lr must be in (0, {MAX_LR}], got {c.lr}")
     if not (c.alpha >= 0) or c.alpha == math.inf:
         raise UsageError(f"--alpha must be a finite number >= 0, got {c.alpha}")
-    if c.stall_timeout is not None and not (0 < c.stall_timeout < math.inf):
-        raise UsageError(f"--stall-timeout must be a finite number of seconds > 0, got {c.stall_timeout}")
+    if not (0 <= c.stall_timeout < math.inf):
+        raise UsageError(f"--stall-timeout must be a finite number of seconds >= 0 (0: off), got {c.stall_timeout}")
     if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not (0 <= c.seed <= MAX_SEED):
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {c.seed}")
     if c.resume is not None and c.out is not None and Path(c.out).absolute() != Path(c.resume).absolute():
@@ -181,6 +189,9 @@ def _validate(c):
     if (c.checkpoint_every or c.resume) and (c.compare or c.trainer != "numpy"):
         raise UsageError("--checkpoint-every and --resume need --trainer numpy (mlpcore's own model state) "
                          "and one strategy (not --compare)")
+    if c.trainer == "sklearn" and c.model != "mlp":
+        raise UsageError(f"--trainer sklearn trains scikit-learn's MLPClassifier, not --model {c.model}; "
+                         "use --trainer numpy (the default) for it")
     if c.trainer == "sklearn" and c.strategy != "ensemble":
         raise UsageError("--trainer sklearn supports only --strategy ensemble "
                          "(the data-parallel strategies need mlpcore's own gradients)")

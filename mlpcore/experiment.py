@@ -36,12 +36,15 @@ class Experiment:
         Set once the launcher has started (the CLI's error handler aborts through it).
     timer : PhaseTimer or None
         This rank's phase timer; :attr:`phase` names the phase now running.
+    run_dir : pathlib.Path or None
+        The run folder, once prepared (on the root; None elsewhere): :func:`mlpcore.run` reports it.
     """
 
     def __init__(self, config):
         self.config = config
         self.launcher = None
         self.timer = None
+        self.run_dir = None
 
     @property
     def phase(self):
@@ -59,7 +62,7 @@ class Experiment:
             return self._run(launcher, self.timer, config)
 
     def _run(self, launcher, timer, config):
-        run_dir = launcher.on_root(lambda: _prepare_run_dir(config, launcher.size), "output")
+        run_dir = self.run_dir = launcher.on_root(lambda: _prepare_run_dir(config, launcher.size), "output")
         try:
             plan = checkpoint.plan_for_run(launcher, config, run_dir,
                                            shared_model=config.strategy in strategies.SHARED_MODEL)
@@ -70,6 +73,7 @@ class Experiment:
             load_started = timer.now()
             with timer.phase("load" if launcher.is_root else "wait"):
                 data = launcher.on_root(lambda: _load(config, launcher.size), "load")
+            plan = checkpoint.bind_data(launcher, plan, data)  # a resumed run trains on the same arrays
             loaded_at, outcomes, elapsed = timer.now(), {}, {}
             for name in config.strategies:
                 started = timer.now()
@@ -79,11 +83,12 @@ class Experiment:
             reporter = _reporter_rank(launcher, config)
             baselines = _baselines(launcher, data, config, timer, reporter)
             spans = launcher.gather_spans(timer)
+            peak_rss = launcher.gather_peak_rss()
             if launcher.rank == reporter and not launcher.is_root:
                 launcher.serve_call()  # draws the figures while the root writes the rest
             if not launcher.is_root:
                 return None
-            results = build(config, launcher, data, outcomes, baselines, timer.spans, spans,
+            results = build(config, launcher, data, outcomes, baselines, timer.spans, spans, peak_rss,
                             # End to end = load + the headline strategy (with --compare the others ran too).
                             parallel_total_s=loaded_at - load_started + elapsed[config.strategy],
                             parallel_started_at_s=load_started,  # on the run's clock, for the timeline

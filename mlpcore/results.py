@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import N_CLASSES
 from .nn import fpenv, kernels
+from .nn.model import build_model
+from .parallel.launchers import peak_rss_mb
 from .report.metrics import accuracy, efficiency, speedup
 
 #: The per-rank phases results.json reports, each as ``<phase>_s``.
@@ -62,7 +65,7 @@ def phase_totals(spans):
     return totals
 
 
-def build(config, launcher, data, outcomes, baselines, root_spans, spans, *, parallel_total_s,
+def build(config, launcher, data, outcomes, baselines, root_spans, spans, peak_rss, *, parallel_total_s,
           parallel_started_at_s, resumed_from=None):
     """The results.json document (on the root).
 
@@ -78,6 +81,8 @@ def build(config, launcher, data, outcomes, baselines, root_spans, spans, *, par
         The root's own phase spans.
     spans : list of list, or None
         Every rank's spans (MPI); None when they came back with the workers' outputs.
+    peak_rss : list of float, or None
+        Every rank's peak resident memory in MB (MPI); None: in the workers' outputs.
     parallel_total_s : float
         End to end: load + distribute + train + combine of the headline strategy.
     parallel_started_at_s : float
@@ -89,11 +94,14 @@ def build(config, launcher, data, outcomes, baselines, root_spans, spans, *, par
     if spans is None:  # joblib/serial: worker spans came back with the outputs
         spans = [list(s) for s in headline.worker_spans]
         spans[0] = root_spans + spans[0]
+    if peak_rss is None:  # joblib/serial: rank 0's row is the root process and worker 0 together
+        peak_rss = list(headline.worker_peak_rss_mb)
+        peak_rss[0] = max(peak_rss[0], peak_rss_mb())
     per_rank = []
     for rank, rank_spans in enumerate(spans):
         totals = phase_totals(rank_spans)
         per_rank.append({"rank": rank, **{f"{k}_s": round(totals.get(k, 0.0), 6) for k in RANK_PHASES},
-                         "threads": headline.threads_per_worker[rank]})
+                         "threads": headline.threads_per_worker[rank], "peak_rss_mb": peak_rss[rank]})
         if headline.comm_exposed_per_rank is not None:  # measured over every step, not only the traced ones
             per_rank[-1]["comm_exposed_s"] = headline.comm_exposed_per_rank[rank]
     parallel_train_s = headline.parallel_train_s
@@ -138,6 +146,7 @@ def build(config, launcher, data, outcomes, baselines, root_spans, spans, *, par
         strategy["overlap"] = headline.overlap
     results = {
         "config": config.as_dict(),
+        "model": model_facts(config, data),
         "environment": env,
         "data": {"origin": data.origin, "n_train": data.n_train, "n_test": data.n_test,
                  "shard_sizes": headline.shard_sizes},
@@ -154,6 +163,19 @@ def build(config, launcher, data, outcomes, baselines, root_spans, spans, *, par
     return results
 
 
+def model_facts(config, data):
+    """The model's name, parameter count and training FLOPs per sample (results.json's ``model``).
+
+    FLOPs: forward + weight gradients + input gradients of every layer but the
+    first, a multiply-add counted as 2 (:meth:`Sequential.flops_per_sample`).
+    ``--trainer sklearn`` trains the same architecture, so the same counts.
+    """
+    model = build_model(config.model, n_features=data.x_train.shape[1], n_classes=N_CLASSES, hidden=config.hidden,
+                        dtype=np.dtype(config.dtype), rng=np.random.default_rng(0), kernels="numpy")
+    return {"name": config.model, "n_params": model.n_params, "flops_per_sample": model.flops_per_sample(),
+            "layers": [layer.spec() for layer in model.layers]}
+
+
 def predictions(outcome, baselines, y_test):
     """The arrays of predictions.npz (plus ``y_test``, for the figures and reports)."""
     return {"y_test": y_test, "y_pred": outcome.y_pred, "member_probs": outcome.member_probs,
@@ -165,8 +187,12 @@ def warnings(env):
     notes = []
     if env["oversubscribed"]:
         threads = ",".join(map(str, sorted(set(env["threads_per_worker"]))))
+        most = max(env["threads_per_worker"]) or 1
+        fit = max(1, env["cores"] // most)
         notes.append(f"{env['world_size']} workers x {threads} BLAS thread(s) on {env['cores']} cores: "
-                     "workers share cores, so the parallel times include time-slicing")
+                     "workers share cores, so the parallel times include time-slicing; for speed-ups that "
+                     f"measure parallelism, run at most {fit} (mpirun -n {fit} or --jobs {fit}"
+                     + (", or --threads 1)" if most > 1 else ")"))
     return notes
 
 

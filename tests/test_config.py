@@ -27,6 +27,7 @@ from mlpcore.config import (DTYPES, LAUNCHERS, MAX_BATCH, MAX_EPOCHS, MAX_LR, MA
 from mlpcore.data import shard_bounds, validate_arrays
 from mlpcore.errors import UsageError
 from mlpcore.nn.kernels import KERNELS
+from mlpcore.nn.model import MODELS
 
 OPTIONS = sorted(s for a in build_parser()._actions for s in a.option_strings if s.startswith("--"))
 
@@ -70,7 +71,7 @@ BAD_VALUES = {
     ),
     "--lr": st.one_of(floats(max_value=0.0), floats(min_value=MAX_LR * 1.0001), non_finite, not_a_float),
     "--alpha": st.one_of(floats(max_value=-1e-300), st.sampled_from(["nan", "inf"]), not_a_float),
-    "--stall-timeout": st.one_of(floats(max_value=0.0), non_finite, not_a_float),
+    "--stall-timeout": st.one_of(floats(max_value=-1e-300), non_finite, not_a_float),
     "--seed": st.one_of(st.integers(max_value=-1), st.integers(MAX_SEED + 1, 10**30), not_an_int),
     "--sync-every": st.one_of(st.integers(max_value=-1), not_an_int),
     "--bucket-kb": st.one_of(st.integers(max_value=-1), not_an_int),
@@ -85,6 +86,7 @@ BAD_VALUES = {
     "--dtype": bad_choice(DTYPES),
     "--source": bad_choice(SOURCES),
     "--kernels": bad_choice(KERNELS),
+    "--model": bad_choice(MODELS),
 }
 
 # option -> values it must accept (for the valid part of an argument list)
@@ -96,7 +98,7 @@ GOOD_VALUES = {
     "--lr": st.floats(1e-9, MAX_LR),
     "--alpha": st.floats(0, 1e6),
     "--seed": st.integers(0, MAX_SEED),
-    "--stall-timeout": st.floats(1e-3, 1e6),
+    "--stall-timeout": st.floats(0.0, 1e6),
     "--vote": st.sampled_from(VOTES),
     "--sync-every": st.integers(0, 1000),
 }
@@ -279,7 +281,7 @@ big_float = st.floats(min_value=MAX_LR, exclude_min=True)  # inf included
 BAD_PY = {
     **{name: py_bad_choice(choices) for name, choices in (
         ("strategy", STRATEGIES), ("launcher", LAUNCHERS), ("trainer", TRAINERS), ("vote", VOTES),
-        ("overlap", OVERLAPS), ("kernels", KERNELS), ("source", SOURCES))},
+        ("overlap", OVERLAPS), ("kernels", KERNELS), ("source", SOURCES), ("model", MODELS))},
     "dtype": py_bad_choice(DTYPES, allow_none=True),
     "jobs": py_bad_int(1),
     "epochs": py_bad_int(1, MAX_EPOCHS),
@@ -299,9 +301,9 @@ BAD_PY = {
                     st.integers(min_value=int(MAX_LR) + 1), not_a_number, st.booleans()),
     "alpha": st.one_of(st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf]),
                        st.integers(max_value=-1), not_a_number, st.booleans()),
-    "stall_timeout": st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf]),
-                               st.integers(max_value=0), st.booleans(),
-                               not_a_number.filter(lambda v: v is not None)),
+    "stall_timeout": st.one_of(st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf]),
+                               st.integers(max_value=-1), st.booleans(),
+                               not_a_number),
 }
 
 path_text = st.text(alphabet=string.ascii_letters + string.digits + "/._-", min_size=1, max_size=12)
@@ -313,7 +315,7 @@ GOOD_PY = {
     "epochs": st.integers(1, MAX_EPOCHS), "batch_size": st.integers(1, MAX_BATCH),
     "lr": st.floats(min_value=0.0, max_value=MAX_LR, exclude_min=True), "alpha": st.floats(0.0, 1e300),
     "dtype": st.one_of(st.none(), st.sampled_from(DTYPES)), "seed": st.integers(0, MAX_SEED),
-    "kernels": st.sampled_from(KERNELS), "vote": st.sampled_from(VOTES), "overlap": st.sampled_from(OVERLAPS),
+    "kernels": st.sampled_from(KERNELS), "model": st.sampled_from(MODELS), "vote": st.sampled_from(VOTES), "overlap": st.sampled_from(OVERLAPS),
     "bucket_kb": st.integers(0, 10**6), "sync_every": st.integers(0, 10**4),
     "threads": st.one_of(st.none(), st.integers(1, 64)),
     "baseline_threads": st.lists(st.one_of(st.integers(1, 64), st.just("all")), min_size=1, max_size=3).map(tuple),
@@ -322,7 +324,7 @@ GOOD_PY = {
     "train_limit": st.one_of(st.none(), st.integers(1, 10**6)), "test_limit": st.one_of(st.none(), st.integers(1, 10**6)),
     "out": st.one_of(st.none(), path_text), "overwrite": st.booleans(), "no_plots": st.booleans(),
     "show": st.booleans(), "quiet": st.booleans(),
-    "stall_timeout": st.one_of(st.none(), st.floats(min_value=0.0, max_value=1e9, exclude_min=True)),
+    "stall_timeout": st.floats(min_value=0.0, max_value=1e9),
     "checkpoint_every": st.integers(0, 100), "resume": st.one_of(st.none(), path_text),
 }
 

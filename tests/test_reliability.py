@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -71,6 +72,22 @@ def test_a_failing_rank_ends_an_allreduce_job(tmp_path, phase, rank):
     assert res.returncode != 0, output
     assert output.count(f"error (rank {rank}, phase {phase}): ") == 1, output
     assert len(error_lines(res.stderr)) == 1 and "Traceback" not in output
+    assert res.results is None
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failing_communication_thread_ends_the_job(tmp_path, rank):
+    """--overlap thread: an exception on a rank's allreduce thread ends the job with its message.
+
+    Before, the main thread waited for that thread's buckets forever, and the stall
+    watchdog saw no missing rank: every rank had already announced the allreduce.
+    """
+    res = run_cli([*TINY, "--strategy", "allreduce", "--overlap", "thread"], 2, out=tmp_path / "run",
+                  env=fault_env(f"{rank}:comm-thread"), timeout=TIMEOUT)
+    output = res.stdout + res.stderr
+    assert res.returncode != 0, output
+    assert output.count(f"error (rank {rank}, phase comm-thread): ") == 1, output
+    assert "InjectedFault" in output and len(error_lines(res.stderr)) == 1 and "Traceback" not in output
     assert res.results is None
 
 
@@ -202,8 +219,13 @@ def test_stall_watchdog_names_the_missing_rank(tmp_path, stuck):
     assert res.returncode != 0, res.stderr
     stall = error_lines(res.stderr, "stall: ranks")
     assert len(stall) == 1, f"exit {res.returncode}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
-    assert stall[0].startswith(f"stall: ranks [{stuck}] have not reached gather"), stall[0]
+    assert re.match(rf"stall: ranks \[{stuck}\] on \S+ have not reached gather", stall[0]), stall[0]
     assert f"stall: rank {stuck} was last seen entering scatter" in res.stderr
+    # A warning came first (after a fifth of the timeout), once, naming the rank and its node.
+    warnings = error_lines(res.stderr, "warning: stall:")
+    assert len(warnings) == 1 and re.match(rf"warning: stall: ranks \[{stuck}\] on \S+ have not reached gather",
+                                           warnings[0]), res.stderr
+    assert res.stderr.index(warnings[0]) < res.stderr.index(stall[0])
 
 
 def test_stall_watchdog_in_an_allreduce_job(tmp_path):
@@ -211,7 +233,7 @@ def test_stall_watchdog_in_an_allreduce_job(tmp_path):
                   env=fault_env("1:train:hang"), timeout=30)
     assert res.returncode != 0, res.stderr
     stall = error_lines(res.stderr, "stall: ranks")
-    assert len(stall) == 1 and stall[0].startswith("stall: ranks [1] have not reached"), res.stderr
+    assert len(stall) == 1 and re.match(r"stall: ranks \[1\] on \S+ have not reached", stall[0]), res.stderr
 
 
 def test_stall_watchdog_ignores_the_roots_own_work(tmp_path):
@@ -243,6 +265,23 @@ def test_stall_rule():
     # ... but the root at the end waits for every rank to get there.
     lines = watchdog.find_stall({0: (-1, "the end of the run", t), 1: (5, "gather", t)}, t + 6, 5)
     assert lines[0].startswith("stall: ranks [1] have not reached the end of the run after")
+    # With the hosts known, the nodes are named; a warning comes at `after`, before the end.
+    state = {0: (3, "gather", t), 1: (2, "scatter", t), 2: (3, "gather", t)}
+    hosts = ["node0", "node1", "node0"]
+    lines = watchdog.find_stall(state, t + 6, 5, hosts)
+    assert lines[0].startswith("stall: ranks [1] on node1 have not reached gather (collective #3) after 6.0 s")
+    assert "ranks [0, 2] on node0 are waiting there" in lines[0]
+    assert watchdog.stall_warning(state, t + 0.5, 1, 5, hosts) is None
+    warning = watchdog.stall_warning(state, t + 2, 1, 5, hosts)
+    assert warning.startswith("warning: stall: ranks [1] on node1 have not reached gather (collective #3) after 2 s")
+    assert "the job ends at 5 s" in warning
+
+
+def test_the_watchdog_is_on_by_default():
+    from mlpcore.config import DEFAULT_STALL_TIMEOUT_S, RunConfig
+
+    assert RunConfig().stall_timeout == DEFAULT_STALL_TIMEOUT_S == 300.0
+    assert RunConfig(stall_timeout=0).stall_timeout == 0  # off
 
 
 # -- 4. checkpoints and resume -------------------------------------------------------------------
@@ -350,6 +389,43 @@ def test_resume_refuses_other_options(uninterrupted, tmp_path, change, message):
     assert res.returncode == 2, res.stderr
     assert len(error_lines(res.stderr)) == 1 and re.search(message, res.stderr), res.stderr
     assert (out / "results.json").read_bytes() == before
+
+
+def test_resume_allows_what_does_not_change_training(uninterrupted, tmp_path):
+    """--vote, the baselines and the data's path may change on --resume (the arrays' checksum must not)."""
+    import shutil
+
+    from mlpcore.data import SHIPPED_PATH
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    same_data = tmp_path / "elsewhere.npz"
+    shutil.copy(SHIPPED_PATH, same_data)
+    args = [*without(CKPT, "--no-baseline"), "--launcher", "serial", "--jobs", "2", "--vote", "hard",
+            "--data", same_data, "--resume", out]
+    res = run_cli(args, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["vote"] == "hard" and results["timings"]["baselines"]
+    assert results["resumed_from_epoch"] == [16, 16]
+
+
+def test_resume_refuses_other_data(uninterrupted, tmp_path):
+    import shutil
+
+    from mlpcore.data import SHIPPED_PATH
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    with np.load(SHIPPED_PATH) as npz:
+        arrays = {k: npz[k].copy() for k in npz.files}
+    arrays["x_train"][0, 14, 14] ^= 1  # one pixel of the first training image
+    other = tmp_path / "other.npz"
+    np.savez(other, **arrays)
+    args = [*CKPT, "--launcher", "serial", "--jobs", "2", "--data", other, "--resume", out]
+    res = run_cli(args, timeout=TIMEOUT)
+    assert res.returncode == 2, res.stderr
+    assert len(error_lines(res.stderr)) == 1 and "was trained on other data" in res.stderr, res.stderr
 
 
 def test_resume_needs_checkpoints(tmp_path):
@@ -497,7 +573,9 @@ BAD = {
     "lr-absurd": (["--lr", "1e9"], r"--lr"),
     "seed-negative": (["--seed", "-1"], r"--seed"),
     "launcher-unknown": (["--launcher", "slurm"], r"--launcher.*slurm"),
-    "stall-timeout-0": (["--stall-timeout", "0"], r"--stall-timeout"),
+    "stall-timeout-negative": (["--stall-timeout", "-1"], r"--stall-timeout"),
+    "model-unknown": (["--model", "resnet"], r"--model.*resnet"),
+    "sklearn-with-a-cnn": (["--trainer", "sklearn", "--model", "lenet5"], r"--trainer sklearn.*--model lenet5"),
     "resume-with-other-out": (["--resume", "{tmp}/a", "--out", "{tmp}/b"], r"--resume"),
     "checkpoint-with-compare": (["--compare", "--checkpoint-every", "1"], r"--checkpoint-every"),
 }

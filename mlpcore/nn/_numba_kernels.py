@@ -156,3 +156,487 @@ FUNCTIONS = {"gather_scaled": gather_scaled, "bias_add": bias_add, "relu": relu,
              "shift_by_row_max": shift_by_row_max, "normalise_rows": normalise_rows,
              "softmax_grad": softmax_grad, "relu_grad": relu_grad, "cross_entropy_sum": cross_entropy_sum,
              "adam": adam}
+
+
+# -- convolutional networks (mlpcore.nn.conv) ------------------------------------------
+# Activations are laid out (height, width, channels, lanes): the batch is the
+# innermost axis, so every inner loop below runs over the lanes of one image
+# row, contiguous and independent. LLVM vectorises such a loop without
+# reordering any sum (no fastmath): each output lane accumulates its terms in
+# exactly the order the numpy reference does, so the two agree bit for bit.
+# The helpers add up to five products per pass over a pair of output rows,
+# reusing each loaded input row for both (two outputs x four or five inputs
+# keeps the multipliers busy; one output per pass is load-bound).
+
+
+# Every helper indexes whole arrays (no views: making a view costs reference counting, which
+# adds up in kernels that call helpers tens of thousands of times a batch).
+
+
+@jit
+def _conv_fwd_2x5(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0, b1):
+    # out[oh, ow, co(+1)] = (b if init else out) + 5 taps k..k+4 of kernel row kh, left to right
+    c0, c1, c2, c3, c4 = taps[co, kh, k], taps[co, kh, k + 1], taps[co, kh, k + 2], taps[co, kh, k + 3], taps[co, kh, k + 4]
+    d0, d1, d2, d3, d4 = (taps[co + 1, kh, k], taps[co + 1, kh, k + 1], taps[co + 1, kh, k + 2], taps[co + 1, kh, k + 3],
+                          taps[co + 1, kh, k + 4])
+    i = r + k
+    if init:
+        for n in range(out.shape[3]):
+            a0, a1, a2, a3, a4 = X[xh, i, n], X[xh, i + 1, n], X[xh, i + 2, n], X[xh, i + 3, n], X[xh, i + 4, n]
+            out[oh, ow, co, n] = b0 + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3 + c4 * a4
+            out[oh, ow, co + 1, n] = b1 + d0 * a0 + d1 * a1 + d2 * a2 + d3 * a3 + d4 * a4
+    else:
+        for n in range(out.shape[3]):
+            a0, a1, a2, a3, a4 = X[xh, i, n], X[xh, i + 1, n], X[xh, i + 2, n], X[xh, i + 3, n], X[xh, i + 4, n]
+            out[oh, ow, co, n] = out[oh, ow, co, n] + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3 + c4 * a4
+            out[oh, ow, co + 1, n] = out[oh, ow, co + 1, n] + d0 * a0 + d1 * a1 + d2 * a2 + d3 * a3 + d4 * a4
+
+
+@jit
+def _conv_fwd_2x1(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0, b1):
+    c0, d0 = taps[co, kh, k], taps[co + 1, kh, k]
+    i = r + k
+    if init:
+        for n in range(out.shape[3]):
+            a0 = X[xh, i, n]
+            out[oh, ow, co, n] = b0 + c0 * a0
+            out[oh, ow, co + 1, n] = b1 + d0 * a0
+    else:
+        for n in range(out.shape[3]):
+            a0 = X[xh, i, n]
+            out[oh, ow, co, n] = out[oh, ow, co, n] + c0 * a0
+            out[oh, ow, co + 1, n] = out[oh, ow, co + 1, n] + d0 * a0
+
+
+@jit
+def _conv_fwd_1x1(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0):
+    c0 = taps[co, kh, k]
+    i = r + k
+    if init:
+        for n in range(out.shape[3]):
+            out[oh, ow, co, n] = b0 + c0 * X[xh, i, n]
+    else:
+        for n in range(out.shape[3]):
+            out[oh, ow, co, n] = out[oh, ow, co, n] + c0 * X[xh, i, n]
+
+
+@jit
+def conv2d_forward(x, w, b, out, lo, hi):
+    # out[oh, ow, co] = b[co] + sum over (kh, kw, ci), in that order, of w[co, kh, kw, ci] * x[oh+kh, ow+kw, ci].
+    # Pairs of output channels share each loaded input row; taps go five at a time.
+    Ho, Wo, Cout, N = out.shape
+    Cin = x.shape[2]
+    KH, T = w.shape[1], w.shape[2] * w.shape[3]
+    taps = w.reshape(Cout, KH, T)
+    X = x.reshape(x.shape[0], x.shape[1] * Cin, N)  # image row h: (width * channels, lanes)
+    for oh in range(lo, hi):  # output rows lo..hi-1 (a thread's share; each row's values do not depend on it)
+        for ow in range(Wo):
+            r = ow * Cin  # taps (kw, ci) of kernel row kh: rows r .. r+T-1 of X[oh + kh]
+            for kh in range(KH):
+                init = kh == 0
+                co = 0
+                while co + 2 <= Cout:
+                    k = 0
+                    while k + 5 <= T:
+                        _conv_fwd_2x5(out, oh, ow, co, X, oh + kh, r, taps, kh, k, init and k == 0, b[co], b[co + 1])
+                        k += 5
+                    while k < T:
+                        _conv_fwd_2x1(out, oh, ow, co, X, oh + kh, r, taps, kh, k, init and k == 0, b[co], b[co + 1])
+                        k += 1
+                    co += 2
+                if co < Cout:
+                    for k in range(T):
+                        _conv_fwd_1x1(out, oh, ow, co, X, oh + kh, r, taps, kh, k, init and k == 0, b[co])
+
+
+@jit
+def _conv_dx_2x4(dx, ih, iw, ci, g, oh, ow, co, wt, kh, kw, init):
+    # dx[ih, iw, ci(+1)] = (0 if init else dx) + 4 output channels co..co+3, left to right
+    c0, c1, c2, c3 = wt[kh, kw, ci, co], wt[kh, kw, ci, co + 1], wt[kh, kw, ci, co + 2], wt[kh, kw, ci, co + 3]
+    d0, d1, d2, d3 = (wt[kh, kw, ci + 1, co], wt[kh, kw, ci + 1, co + 1], wt[kh, kw, ci + 1, co + 2],
+                      wt[kh, kw, ci + 1, co + 3])
+    if init:
+        zero = dx.dtype.type(0)
+        for n in range(dx.shape[3]):
+            a0, a1, a2, a3 = g[oh, ow, co, n], g[oh, ow, co + 1, n], g[oh, ow, co + 2, n], g[oh, ow, co + 3, n]
+            dx[ih, iw, ci, n] = zero + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
+            dx[ih, iw, ci + 1, n] = zero + d0 * a0 + d1 * a1 + d2 * a2 + d3 * a3
+    else:
+        for n in range(dx.shape[3]):
+            a0, a1, a2, a3 = g[oh, ow, co, n], g[oh, ow, co + 1, n], g[oh, ow, co + 2, n], g[oh, ow, co + 3, n]
+            dx[ih, iw, ci, n] = dx[ih, iw, ci, n] + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
+            dx[ih, iw, ci + 1, n] = dx[ih, iw, ci + 1, n] + d0 * a0 + d1 * a1 + d2 * a2 + d3 * a3
+
+
+@jit
+def _conv_dx_1x1(dx, ih, iw, ci, g, oh, ow, co, wt, kh, kw, init):
+    c0 = wt[kh, kw, ci, co]
+    if init:
+        zero = dx.dtype.type(0)
+        for n in range(dx.shape[3]):
+            dx[ih, iw, ci, n] = zero + c0 * g[oh, ow, co, n]
+    else:
+        for n in range(dx.shape[3]):
+            dx[ih, iw, ci, n] = dx[ih, iw, ci, n] + c0 * g[oh, ow, co, n]
+
+
+@jit
+def conv2d_backward_input(g, wt, dx, pad, lo, hi):
+    # dx[ih, iw, ci] = 0 + sum over valid (kh, kw), in that order, and co of wt[kh, kw, ci, co] * g[oh, ow, co],
+    # oh = ih + pad - kh, ow = iw + pad - kw. wt is the weight as (kh, kw, ci, co).
+    Ho, Wo, Cout, N = g.shape
+    KH, KW, Cin = wt.shape[0], wt.shape[1], wt.shape[2]
+    H, W = dx.shape[0], dx.shape[1]
+    zero = dx.dtype.type(0)
+    for ih in range(lo, hi):  # input rows lo..hi-1
+        for iw in range(W):
+            first = True
+            for kh in range(KH):
+                oh = ih + pad - kh
+                if oh < 0 or oh >= Ho:
+                    continue
+                for kw in range(KW):
+                    ow = iw + pad - kw
+                    if ow < 0 or ow >= Wo:
+                        continue
+                    ci = 0
+                    while ci + 2 <= Cin:
+                        co = 0
+                        while co + 4 <= Cout:
+                            _conv_dx_2x4(dx, ih, iw, ci, g, oh, ow, co, wt, kh, kw, first and co == 0)
+                            co += 4
+                        while co < Cout:
+                            _conv_dx_1x1(dx, ih, iw, ci, g, oh, ow, co, wt, kh, kw, first and co == 0)
+                            _conv_dx_1x1(dx, ih, iw, ci + 1, g, oh, ow, co, wt, kh, kw, first and co == 0)
+                            co += 1
+                        ci += 2
+                    if ci < Cin:
+                        for co in range(Cout):
+                            _conv_dx_1x1(dx, ih, iw, ci, g, oh, ow, co, wt, kh, kw, first and co == 0)
+                    first = False
+            if first:  # no output position sees this input pixel
+                for ci in range(Cin):
+                    for n in range(N):
+                        dx[ih, iw, ci, n] = zero
+
+
+@jit
+def _conv_dw_2x2x4(P, c, s, g, oh, ow, cr, X, hs, i, ht, j, Cin, init):
+    # Per lane: P[c(+1), s(+1)] += four positions ow..ow+3 of g[oh, ., channel] * x (tap), left to right.
+    # Tap s is image row hs, row i of it (at ow); tap s+1 is row ht, j. Channel c+1 is read as cr and tap
+    # s+1 as (ht, j), clamped at the last channel/tap by the caller: their P rows are then spare.
+    if init:
+        zero = P.dtype.type(0)
+        for n in range(P.shape[2]):
+            a0, a1, a2, a3 = g[oh, ow, c, n], g[oh, ow + 1, c, n], g[oh, ow + 2, c, n], g[oh, ow + 3, c, n]
+            b0, b1, b2, b3 = g[oh, ow, cr, n], g[oh, ow + 1, cr, n], g[oh, ow + 2, cr, n], g[oh, ow + 3, cr, n]
+            u0, u1, u2, u3 = X[hs, i, n], X[hs, i + Cin, n], X[hs, i + 2 * Cin, n], X[hs, i + 3 * Cin, n]
+            v0, v1, v2, v3 = X[ht, j, n], X[ht, j + Cin, n], X[ht, j + 2 * Cin, n], X[ht, j + 3 * Cin, n]
+            P[c, s, n] = zero + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3
+            P[c, s + 1, n] = zero + a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+            P[c + 1, s, n] = zero + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3
+            P[c + 1, s + 1, n] = zero + b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+    else:
+        for n in range(P.shape[2]):
+            a0, a1, a2, a3 = g[oh, ow, c, n], g[oh, ow + 1, c, n], g[oh, ow + 2, c, n], g[oh, ow + 3, c, n]
+            b0, b1, b2, b3 = g[oh, ow, cr, n], g[oh, ow + 1, cr, n], g[oh, ow + 2, cr, n], g[oh, ow + 3, cr, n]
+            u0, u1, u2, u3 = X[hs, i, n], X[hs, i + Cin, n], X[hs, i + 2 * Cin, n], X[hs, i + 3 * Cin, n]
+            v0, v1, v2, v3 = X[ht, j, n], X[ht, j + Cin, n], X[ht, j + 2 * Cin, n], X[ht, j + 3 * Cin, n]
+            P[c, s, n] = P[c, s, n] + a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3
+            P[c, s + 1, n] = P[c, s + 1, n] + a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+            P[c + 1, s, n] = P[c + 1, s, n] + b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3
+            P[c + 1, s + 1, n] = P[c + 1, s + 1, n] + b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+
+
+@jit
+def _conv_dw_2x2x2(P, c, s, g, oh, ow, cr, X, hs, i, ht, j, Cin, init):
+    # _conv_dw_2x2x4 over two positions ow, ow+1
+    if init:
+        zero = P.dtype.type(0)
+        for n in range(P.shape[2]):
+            a0, a1, b0, b1 = g[oh, ow, c, n], g[oh, ow + 1, c, n], g[oh, ow, cr, n], g[oh, ow + 1, cr, n]
+            u0, u1, v0, v1 = X[hs, i, n], X[hs, i + Cin, n], X[ht, j, n], X[ht, j + Cin, n]
+            P[c, s, n] = zero + a0 * u0 + a1 * u1
+            P[c, s + 1, n] = zero + a0 * v0 + a1 * v1
+            P[c + 1, s, n] = zero + b0 * u0 + b1 * u1
+            P[c + 1, s + 1, n] = zero + b0 * v0 + b1 * v1
+    else:
+        for n in range(P.shape[2]):
+            a0, a1, b0, b1 = g[oh, ow, c, n], g[oh, ow + 1, c, n], g[oh, ow, cr, n], g[oh, ow + 1, cr, n]
+            u0, u1, v0, v1 = X[hs, i, n], X[hs, i + Cin, n], X[ht, j, n], X[ht, j + Cin, n]
+            P[c, s, n] = P[c, s, n] + a0 * u0 + a1 * u1
+            P[c, s + 1, n] = P[c, s + 1, n] + a0 * v0 + a1 * v1
+            P[c + 1, s, n] = P[c + 1, s, n] + b0 * u0 + b1 * u1
+            P[c + 1, s + 1, n] = P[c + 1, s + 1, n] + b0 * v0 + b1 * v1
+
+
+@jit
+def _conv_dw_2x2x1(P, c, s, g, oh, ow, cr, X, hs, i, ht, j, init):
+    if init:
+        zero = P.dtype.type(0)
+        for n in range(P.shape[2]):
+            a0, b0, u0, v0 = g[oh, ow, c, n], g[oh, ow, cr, n], X[hs, i, n], X[ht, j, n]
+            P[c, s, n] = zero + a0 * u0
+            P[c, s + 1, n] = zero + a0 * v0
+            P[c + 1, s, n] = zero + b0 * u0
+            P[c + 1, s + 1, n] = zero + b0 * v0
+    else:
+        for n in range(P.shape[2]):
+            a0, b0, u0, v0 = g[oh, ow, c, n], g[oh, ow, cr, n], X[hs, i, n], X[ht, j, n]
+            P[c, s, n] = P[c, s, n] + a0 * u0
+            P[c, s + 1, n] = P[c, s + 1, n] + a0 * v0
+            P[c + 1, s, n] = P[c + 1, s, n] + b0 * u0
+            P[c + 1, s + 1, n] = P[c + 1, s + 1, n] + b0 * v0
+
+
+@jit
+def _conv_db_4(Pb, c, g, oh, ow, init):
+    if init:
+        zero = Pb.dtype.type(0)
+        for n in range(Pb.shape[1]):
+            Pb[c, n] = zero + g[oh, ow, c, n] + g[oh, ow + 1, c, n] + g[oh, ow + 2, c, n] + g[oh, ow + 3, c, n]
+    else:
+        for n in range(Pb.shape[1]):
+            Pb[c, n] = Pb[c, n] + g[oh, ow, c, n] + g[oh, ow + 1, c, n] + g[oh, ow + 2, c, n] + g[oh, ow + 3, c, n]
+
+
+@jit
+def _conv_db_1(Pb, c, g, oh, ow, init):
+    if init:
+        zero = Pb.dtype.type(0)
+        for n in range(Pb.shape[1]):
+            Pb[c, n] = zero + g[oh, ow, c, n]
+    else:
+        for n in range(Pb.shape[1]):
+            Pb[c, n] = Pb[c, n] + g[oh, ow, c, n]
+
+
+@jit
+def fold_lanes(P, out):
+    # out[j] = the sum of P[j, :] in a fixed order: halve the lanes while their count is even
+    # (P[:, :h] += P[:, h:2h]), then add the remaining ones left to right. P is overwritten.
+    J, L = P.shape
+    while L % 2 == 0 and L > 1:
+        h = L // 2
+        for j in range(J):
+            for lane in range(h):
+                P[j, lane] += P[j, h + lane]
+        L = h
+    for j in range(J):
+        total = P[j, 0]
+        for lane in range(1, L):
+            total += P[j, lane]
+        out[j] = total
+
+
+@jit
+def conv2d_backward_weight(g, x, P, Pb, dw, db, lo, hi, with_bias):
+    # Per lane first: P[co, u] = 0 + sum over positions (oh, ow), in order, of g[oh, ow, co] * x[oh+kh, ow+kw, ci]
+    # (tap u = (kh * KW + kw) * Cin + ci) and Pb[co] = 0 + sum over positions of g[oh, ow, co]; then the lanes
+    # are folded (fold_lanes) into dw (co, kh, kw, ci) and db. P is (Cout', U', lanes), U = KH*KW*Cin, with
+    # Cout' and U' rounded up to even: pairs of channels x pairs of taps share their loads, and the spare
+    # rows take the odd ones out. Work items lo..hi-1 (a thread's share) are those (channel pair, tap pair)
+    # blocks, item = pair * (U' / 2) + tap pair; with_bias: also the bias gradient. Which thread computes a
+    # block changes none of its values.
+    Ho, Wo, Cout, N = g.shape
+    Cin = x.shape[2]
+    KH = dw.shape[1]
+    T = dw.shape[2] * Cin  # taps of one kernel row
+    U = KH * T
+    pairs = P.shape[1] // 2
+    X = x.reshape(x.shape[0], x.shape[1] * Cin, N)
+    for c in range(Cout if with_bias else 0):
+        for oh in range(Ho):
+            ow = 0
+            while ow + 4 <= Wo:
+                _conv_db_4(Pb, c, g, oh, ow, oh == 0 and ow == 0)
+                ow += 4
+            while ow < Wo:
+                _conv_db_1(Pb, c, g, oh, ow, oh == 0 and ow == 0)
+                ow += 1
+    for oh in range(Ho):
+        for item in range(lo, hi):
+            c, s = 2 * (item // pairs), 2 * (item % pairs)
+            cr, t = min(c + 1, Cout - 1), min(s + 1, U - 1)
+            hs, ht = oh + s // T, oh + t // T
+            ow = 0
+            while ow + 4 <= Wo:
+                r = ow * Cin
+                _conv_dw_2x2x4(P, c, s, g, oh, ow, cr, X, hs, r + s % T, ht, r + t % T, Cin, oh == 0 and ow == 0)
+                ow += 4
+            if ow + 2 <= Wo:
+                r = ow * Cin
+                _conv_dw_2x2x2(P, c, s, g, oh, ow, cr, X, hs, r + s % T, ht, r + t % T, Cin, oh == 0 and ow == 0)
+                ow += 2
+            while ow < Wo:
+                r = ow * Cin
+                _conv_dw_2x2x1(P, c, s, g, oh, ow, cr, X, hs, r + s % T, ht, r + t % T, oh == 0 and ow == 0)
+                ow += 1
+    for item in range(lo, hi):
+        c, s = 2 * (item // pairs), 2 * (item % pairs)
+        t = min(s + 2, U)
+        flat = dw[c].reshape(-1)
+        fold_lanes(P[c, s:t], flat[s:t])
+        if c + 1 < Cout:
+            flat = dw[c + 1].reshape(-1)
+            fold_lanes(P[c + 1, s:t], flat[s:t])
+    if with_bias:
+        fold_lanes(Pb, db)
+
+
+@jit
+def conv2d_bias_grad(g, Pb, db):
+    # The bias gradient alone: Pb[co] = 0 + sum over positions of g[oh, ow, co], per lane, folded into db.
+    Ho, Wo, Cout, N = g.shape
+    for c in range(Cout):
+        for oh in range(Ho):
+            ow = 0
+            while ow + 4 <= Wo:
+                _conv_db_4(Pb, c, g, oh, ow, oh == 0 and ow == 0)
+                ow += 4
+            while ow < Wo:
+                _conv_db_1(Pb, c, g, oh, ow, oh == 0 and ow == 0)
+                ow += 1
+    fold_lanes(Pb, db)
+
+
+@jit
+def im2col_lanes(x, col, lo, hi):
+    # col[(kh, kw, ci), oh, ow] = x[oh+kh, ow+kw, ci] (rows of lanes): the patches of a stride-1
+    # convolution with col (KH, KW, Cin, Ho, Wo, lanes), for kernel rows lo..hi-1.
+    KW, Cin, Ho, Wo, N = col.shape[1], col.shape[2], col.shape[3], col.shape[4], col.shape[5]
+    for kh in range(lo, hi):
+        for kw in range(KW):
+            for ci in range(Cin):
+                for oh in range(Ho):
+                    for ow in range(Wo):
+                        for n in range(N):
+                            col[kh, kw, ci, oh, ow, n] = x[oh + kh, ow + kw, ci, n]
+
+
+@jit
+def channels_first(g, out, lo, hi):
+    # out[c, oh, ow] = g[oh, ow, c] (rows of lanes), for output rows lo..hi-1.
+    Ho, Wo, C, N = g.shape
+    for oh in range(lo, hi):
+        for ow in range(Wo):
+            for c in range(C):
+                for n in range(N):
+                    out[c, oh, ow, n] = g[oh, ow, c, n]
+
+
+@jit
+def _pick(a, m, q, pos):
+    # The window's running winner (m, q) against a new value a at place pos: a wins if greater,
+    # or if it is a NaN and the winner is not (so the first NaN wins and NaNs propagate).
+    take = a > m or (a != a and m == m)
+    return (a if take else m), (pos if take else q)
+
+
+@jit
+def maxpool_forward(x, out, idx, relu, lo, hi):
+    # out[ph, pw, c] = the maximum of the k x k window at (k ph, k pw); idx = its place in the window,
+    # i * k + j in row-major order. Ties: the first in that order wins; a NaN wins over any number (the first NaN).
+    # relu: then max(out, 0) as the relu kernel computes it (NaN passes): relu(max) = max(relu), the same values.
+    Hp, Wp, C, N = out.shape
+    k = x.shape[0] // Hp
+    zero = out.dtype.type(0)
+    if k == 2:  # one pass: the four values of each window at once (output rows lo..hi-1)
+        for ph in range(lo, hi):
+            for pw in range(Wp):
+                h, w = 2 * ph, 2 * pw
+                for c in range(C):
+                    for n in range(N):
+                        m, q = x[h, w, c, n], np.uint8(0)
+                        m, q = _pick(x[h, w + 1, c, n], m, q, np.uint8(1))
+                        m, q = _pick(x[h + 1, w, c, n], m, q, np.uint8(2))
+                        m, q = _pick(x[h + 1, w + 1, c, n], m, q, np.uint8(3))
+                        if relu:
+                            m = m if (m >= 0 or m != m) else zero
+                        out[ph, pw, c, n] = m
+                        idx[ph, pw, c, n] = q
+        return
+    for ph in range(lo, hi):
+        for pw in range(Wp):
+            for c in range(C):
+                for n in range(N):
+                    out[ph, pw, c, n] = x[k * ph, k * pw, c, n]
+                    idx[ph, pw, c, n] = 0
+                for i in range(k):
+                    for j in range(k):
+                        if i == 0 and j == 0:
+                            continue
+                        pos = np.uint8(i * k + j)
+                        for n in range(N):
+                            m, q = _pick(x[k * ph + i, k * pw + j, c, n], out[ph, pw, c, n], idx[ph, pw, c, n], pos)
+                            out[ph, pw, c, n] = m
+                            idx[ph, pw, c, n] = q
+                if relu:
+                    for n in range(N):
+                        m = out[ph, pw, c, n]
+                        out[ph, pw, c, n] = m if (m >= 0 or m != m) else zero
+
+
+@jit
+def maxpool_backward(g, idx, pooled, relu, dx, lo, hi):
+    # dx at the window's winner = g (relu: g * sign(pooled), the ReLU's gradient there), elsewhere 0
+    # (and 0 on rows/columns no window covers).
+    Hp, Wp, C, N = g.shape
+    H, W = dx.shape[0], dx.shape[1]
+    k = H // Hp
+    zero = dx.dtype.type(0)
+    for h in range(lo, hi):  # input rows lo..hi-1
+        for w in range(W):
+            ph, pw = h // k, w // k
+            if ph >= Hp or pw >= Wp:
+                for c in range(C):
+                    for n in range(N):
+                        dx[h, w, c, n] = zero
+                continue
+            pos = np.uint8((h - k * ph) * k + (w - k * pw))
+            for c in range(C):
+                if relu:
+                    for n in range(N):
+                        v = g[ph, pw, c, n] * np.sign(pooled[ph, pw, c, n])
+                        dx[h, w, c, n] = v if idx[ph, pw, c, n] == pos else zero
+                else:
+                    for n in range(N):
+                        dx[h, w, c, n] = g[ph, pw, c, n] if idx[ph, pw, c, n] == pos else zero
+
+
+@jit
+def to_lanes(X, out, lo, hi):
+    # out[f, n] = X[n, f] for the n < rows of X, 0 in the lanes after: a transpose in 16 x 16 tiles.
+    n_rows, F = X.shape
+    L = out.shape[1]
+    zero = out.dtype.type(0)
+    for f0 in range(lo, hi, 16):  # features lo..hi-1 (lo a multiple of 16)
+        f1 = min(f0 + 16, hi)
+        for n0 in range(0, n_rows, 16):
+            n1 = min(n0 + 16, n_rows)
+            for f in range(f0, f1):
+                for n in range(n0, n1):
+                    out[f, n] = X[n, f]
+        for f in range(f0, f1):
+            for n in range(n_rows, L):
+                out[f, n] = zero
+
+
+@jit
+def from_lanes(x, out, lo, hi):
+    # out[n, f] = x[f, n] for the rows of out.
+    n_rows, F = out.shape
+    for n0 in range(lo, hi, 16):  # rows lo..hi-1 (lo a multiple of 16)
+        n1 = min(n0 + 16, hi)
+        for f0 in range(0, F, 16):
+            f1 = min(f0 + 16, F)
+            for n in range(n0, n1):
+                for f in range(f0, f1):
+                    out[n, f] = x[f, n]
+
+
+FUNCTIONS.update({"conv2d_forward": conv2d_forward, "conv2d_backward_input": conv2d_backward_input,
+                  "conv2d_backward_weight": conv2d_backward_weight, "fold_lanes": fold_lanes,
+                  "maxpool_forward": maxpool_forward, "maxpool_backward": maxpool_backward,
+                  "to_lanes": to_lanes, "from_lanes": from_lanes, "conv2d_bias_grad": conv2d_bias_grad,
+                  "im2col_lanes": im2col_lanes, "channels_first": channels_first})

@@ -7,6 +7,13 @@ gradient, the ReLU mask and a dozen passes of Adam over 101,770 parameters.
 Each numpy call is one pass over memory plus ~1 us of dispatch. The numba
 versions do each of those jobs in one pass.
 
+The convolutional network's kernels (LeNet-5, :mod:`mlpcore.nn.conv`) live here too:
+direct convolutions, their weight and input gradients, max-pooling and the
+layout transposes, on activations laid out (height, width, channels, batch).
+Their numba versions can split their outer loop over threads
+(:meth:`NumbaKernels.set_threads`); each output is still computed by one
+thread in one order, so the thread count changes no bit either.
+
 Two implementations of one interface:
 
 * :class:`NumpyKernels` - the reference: plain numpy ufuncs with ``out=``.
@@ -65,6 +72,12 @@ class NumpyKernels:
 
     def warm_up(self, dtype):
         """Nothing to compile."""
+
+    threads = 1
+
+    def set_threads(self, n):
+        """The reference runs on the calling thread; the count is kept for reports only."""
+        self.threads = max(1, int(n))
 
     def gather_scaled(self, x, rows, out):
         """``out[i] = x[rows[i]] * dtype(1/255)``: a batch of uint8 rows, scaled to [0, 1].
@@ -135,6 +148,160 @@ class NumpyKernels:
         tmp *= c
         p += tmp
 
+    # -- convolutional networks (mlpcore.nn.conv) ---------------------------------------------
+    # Activations are (height, width, channels, lanes), the batch innermost (see mlpcore.nn.conv).
+    # Each reference adds every output's terms in the order its numba twin does, one numpy
+    # operation per term (whole images at once), so the two agree bit for bit.
+    def to_lanes(self, X, out):
+        """``out[:, :n] = X.T`` and 0 in the lanes after (``X`` (n, F), ``out`` (F, lanes))."""
+        n = X.shape[0]
+        np.copyto(out[:, :n], X.T)
+        out[:, n:] = 0
+
+    def from_lanes(self, x, out):
+        """``out = x[:, :n].T`` (``x`` (F, lanes), ``out`` (n, F))."""
+        np.copyto(out, x[:, :out.shape[0]].T)
+
+    def conv2d_forward(self, x, w, b, out):
+        """``out[oh, ow, co] = b[co] + sum over (kh, kw, ci), in that order, of w[co, kh, kw, ci] * x[oh+kh, ow+kw, ci]``.
+
+        ``x`` (Hp, Wp, Cin, lanes) is the (already padded) input, ``w`` (Cout, KH, KW, Cin),
+        ``out`` (Ho, Wo, Cout, lanes); stride 1.
+        """
+        Ho, Wo = out.shape[:2]
+        _, KH, KW, Cin = w.shape
+        term = self._buffer("conv_term", out.shape, out.dtype)
+        out[...] = b[:, None]
+        for kh in range(KH):
+            for kw in range(KW):
+                for ci in range(Cin):
+                    np.multiply(w[:, kh, kw, ci, None], x[kh:kh + Ho, kw:kw + Wo, ci, None, :], out=term)
+                    out += term
+
+    def conv2d_backward_input(self, g, wt, dx, pad):
+        """``dx[ih, iw, ci] = 0 + sum over valid (kh, kw), in that order, and co of wt[kh, kw, ci, co] * g[oh, ow, co]``.
+
+        ``oh = ih + pad - kh``, ``ow = iw + pad - kw``; ``wt`` is the weight as (KH, KW, Cin, Cout),
+        ``g`` (Ho, Wo, Cout, lanes), ``dx`` (H, W, Cin, lanes) the unpadded input's gradient.
+        """
+        Ho, Wo, Cout = g.shape[:3]
+        KH, KW = wt.shape[:2]
+        H, W = dx.shape[:2]
+        dx[...] = 0
+        for kh in range(KH):
+            i0, i1 = max(0, kh - pad), min(H, kh - pad + Ho)
+            for kw in range(KW):
+                j0, j1 = max(0, kw - pad), min(W, kw - pad + Wo)
+                if i0 >= i1 or j0 >= j1:
+                    continue
+                region = dx[i0:i1, j0:j1]
+                term = self._buffer("conv_dx_term", region.shape, dx.dtype)
+                for co in range(Cout):
+                    src = g[i0 + pad - kh:i1 + pad - kh, j0 + pad - kw:j1 + pad - kw, co, None, :]
+                    np.multiply(wt[kh, kw, :, co, None], src, out=term)
+                    region += term
+
+    def fold_lanes(self, P, out):
+        """``out[j]`` = the sum of ``P[j, :]``: halve the lanes while their count is even, then add the rest in order."""
+        L = P.shape[1]
+        while L % 2 == 0 and L > 1:
+            h = L // 2
+            P[:, :h] += P[:, h:L]
+            L = h
+        out[...] = P[:, 0]
+        for lane in range(1, L):
+            out += P[:, lane]
+
+    def conv2d_backward_weight(self, g, x, P, Pb, dw, db):
+        """Weight and bias gradients, summed over positions per lane, then over lanes.
+
+        ``P[co, kh, kw*Cin + ci] = 0 + sum over (oh, ow), in order, of g[oh, ow, co] * x[oh+kh, ow+kw, ci]`` and
+        ``Pb[co] = 0 + sum over (oh, ow) of g[oh, ow, co]``, lane by lane; then :meth:`fold_lanes` into ``dw``
+        (Cout, KH, KW, Cin) and ``db``. ``P`` (Cout', U', lanes), ``U = KH*KW*Cin`` taps in (kh, kw, ci)
+        order, both rounded up to even (the numba kernel's spare rows), and ``Pb`` (Cout, lanes) are
+        workspaces.
+        """
+        Ho, Wo, Cout, N = g.shape
+        _, KH, KW, Cin = dw.shape
+        U = KH * KW * Cin
+        P5 = P[:Cout, :U].reshape(Cout, KH, KW, Cin, N)
+        term = self._buffer("conv_dw_term", P5.shape, P.dtype)
+        P[...] = 0
+        Pb[...] = 0
+        for oh in range(Ho):
+            for ow in range(Wo):
+                np.multiply(g[oh, ow, :, None, None, None, :], x[None, oh:oh + KH, ow:ow + KW], out=term)
+                P5 += term
+                Pb += g[oh, ow]
+        for co in range(Cout):
+            self.fold_lanes(P[co, :U], dw[co].reshape(-1))
+        self.fold_lanes(Pb, db)
+
+    def conv2d_bias_grad(self, g, Pb, db):
+        """The bias gradient alone, as :meth:`conv2d_backward_weight` computes it (``Pb`` a workspace)."""
+        Ho, Wo = g.shape[:2]
+        Pb[...] = 0
+        for oh in range(Ho):
+            for ow in range(Wo):
+                Pb += g[oh, ow]
+        self.fold_lanes(Pb, db)
+
+    def im2col_lanes(self, x, col):
+        """``col[kh, kw, ci, oh, ow] = x[oh+kh, ow+kw, ci]``: the patches of a stride-1 convolution, as rows
+        of lanes (``col`` (KH, KW, Cin, Ho, Wo, lanes)); a copy."""
+        KH, KW, Cin, Ho, Wo = col.shape[:5]
+        for kh in range(KH):
+            for kw in range(KW):
+                np.copyto(col[kh, kw], x[kh:kh + Ho, kw:kw + Wo].transpose(2, 0, 1, 3))
+
+    def channels_first(self, g, out):
+        """``out[c, oh, ow] = g[oh, ow, c]`` (rows of lanes); a copy."""
+        np.copyto(out, g.transpose(2, 0, 1, 3))
+
+    def maxpool_forward(self, x, out, idx, relu=False):
+        """``out`` = the maximum of each k x k window of ``x`` (stride k), ``idx`` = its place ``i*k + j`` in the window.
+
+        Ties: the first in row-major window order wins; a NaN wins over any number (the first NaN does).
+        ``relu``: then ``out = max(out, 0)`` (:meth:`relu`): a ReLU before the pool, fused.
+        """
+        Hp, Wp = out.shape[:2]
+        k = x.shape[0] // Hp
+        take = self._buffer("pool_take", out.shape, np.bool_)
+        nan = self._buffer("pool_nan", out.shape, np.bool_)
+        np.copyto(out, x[0:k * Hp:k, 0:k * Wp:k])
+        idx[...] = 0
+        for i in range(k):
+            for j in range(k):
+                if i == 0 and j == 0:
+                    continue
+                v = x[i:k * Hp:k, j:k * Wp:k]
+                np.greater(v, out, out=take)
+                np.isnan(v, out=nan)
+                np.logical_or(take, nan & ~np.isnan(out), out=take)
+                np.copyto(out, v, where=take)
+                idx[take] = i * k + j
+        if relu:
+            self.relu(out)
+
+    def maxpool_backward(self, g, idx, pooled, relu, dx):
+        """``dx`` = ``g`` at each window's winner, 0 elsewhere (and on rows/columns no window covers).
+
+        ``relu`` (the forward was fused with a ReLU): ``g * sign(pooled)`` at the winner, the ReLU's gradient.
+        """
+        Hp, Wp = g.shape[:2]
+        k = dx.shape[0] // Hp
+        mask = self._buffer("pool_mask", g.shape, np.bool_)
+        if relu:
+            masked = self._buffer("pool_relu_grad", g.shape, g.dtype)
+            np.sign(pooled, out=masked)
+            np.multiply(g, masked, out=masked)
+            g = masked
+        dx[...] = 0
+        for i in range(k):
+            for j in range(k):
+                np.equal(idx, i * k + j, out=mask)
+                np.copyto(dx[i:k * Hp:k, j:k * Wp:k], g, where=mask)
+
 
 class NumbaKernels:
     """The same operations as :class:`NumpyKernels`, each fused into one compiled loop."""
@@ -167,6 +334,28 @@ class NumbaKernels:
         self.cross_entropy_sum(Z, y)
         self.adam(v, v.copy(), v.copy(), v.copy(), np.array([[0, 1]], dtype=np.int64), f(1e-4), f(0.9), f(0.999),
                   f(1e-8), f(-1e-3))
+        self._warm_up_conv(f)
+
+    def _warm_up_conv(self, f):
+        """The convolutional kernels (mlpcore.nn.conv), on arrays of the types a model passes them."""
+        n = 2
+        x = np.zeros((n, 16), dtype=f)
+        images = np.zeros((16, n), dtype=f)
+        self.to_lanes(x, images)
+        self.from_lanes(images, x)
+        xp = np.zeros((6, 6, 2, n), dtype=f)
+        w, b = np.zeros((3, 3, 3, 2), dtype=f), np.zeros(3, dtype=f)
+        out = np.zeros((4, 4, 3, n), dtype=f)
+        self.conv2d_forward(xp, w, b, out)
+        self.conv2d_backward_weight(out, xp, np.zeros((4, 18, n), dtype=f), np.zeros((3, n), dtype=f), w, b)
+        self.conv2d_backward_input(out, np.zeros((3, 3, 2, 3), dtype=f), np.zeros((4, 4, 2, n), dtype=f), 1)
+        self.conv2d_bias_grad(out, np.zeros((3, n), dtype=f), b)
+        self.im2col_lanes(xp, np.zeros((3, 3, 2, 4, 4, n), dtype=f))
+        self.channels_first(out, np.zeros((3, 4, 4, n), dtype=f))
+        pooled, idx = np.zeros((2, 2, 3, n), dtype=f), np.zeros((2, 2, 3, n), dtype=np.uint8)
+        for relu in (False, True):
+            self.maxpool_forward(out, pooled, idx, relu)
+            self.maxpool_backward(pooled, idx, pooled, relu, out)
 
     def gather_scaled(self, x, rows, out):
         self._fns["gather_scaled"](x, rows, out.dtype.type(1 / 255), out)
@@ -193,6 +382,72 @@ class NumbaKernels:
 
     def adam(self, p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c):
         self._fns["adam"](p, g, M, V, weight_ranges, l2, beta_1, beta_2, eps, c)
+
+    # The convolutional kernels take a range of their outermost loop (rows, or work blocks) and run
+    # on ``threads`` threads (numba releases the GIL), each on its own share of the outputs; every
+    # output is computed by one thread in the same order whatever the count, so it changes no bit.
+    threads = 1
+    _pool = None
+
+    def set_threads(self, n):
+        """Threads the convolutional kernels split their work over (1: the calling thread only)."""
+        self.threads = max(1, int(n))
+
+    def _split(self, fn, args, total, align=1, tail=()):
+        """``fn(*args, lo, hi, *tail)`` over shares of ``range(total)`` (bounds multiples of ``align``).
+
+        The last share runs on the calling thread; ``tail`` holds extra arguments for each share,
+        as a function of whether the share is the last one.
+        """
+        k = min(self.threads, max(1, total // align))
+        if k <= 1:
+            fn(*args, 0, total, *(tail(True) if tail else ()))
+            return
+        if self._pool is None or self._pool._max_workers < k - 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="mlpcore-kernels")
+        bounds = [min(total, (total * i // k + align - 1) // align * align) for i in range(k)] + [total]
+        futures = [self._pool.submit(fn, *args, bounds[i], bounds[i + 1], *(tail(False) if tail else ()))
+                   for i in range(k - 1)]
+        fn(*args, bounds[k - 1], total, *(tail(True) if tail else ()))
+        for future in futures:
+            future.result()
+
+    def to_lanes(self, X, out):
+        self._split(self._fns["to_lanes"], (X, out), out.shape[0], align=16)
+
+    def from_lanes(self, x, out):
+        self._split(self._fns["from_lanes"], (x, out), out.shape[0], align=16)
+
+    def conv2d_forward(self, x, w, b, out):
+        self._split(self._fns["conv2d_forward"], (x, w, b, out), out.shape[0])
+
+    def conv2d_backward_input(self, g, wt, dx, pad):
+        self._split(self._fns["conv2d_backward_input"], (g, wt, dx, pad), dx.shape[0])
+
+    def fold_lanes(self, P, out):
+        self._fns["fold_lanes"](P, out)
+
+    def conv2d_backward_weight(self, g, x, P, Pb, dw, db):
+        blocks = (dw.shape[0] + 1) // 2 * (P.shape[1] // 2)  # (channel pair, tap pair) blocks
+        self._split(self._fns["conv2d_backward_weight"], (g, x, P, Pb, dw, db), blocks,
+                    tail=lambda last: (last,))  # the calling thread's share also does the bias
+
+    def conv2d_bias_grad(self, g, Pb, db):
+        self._fns["conv2d_bias_grad"](g, Pb, db)
+
+    def im2col_lanes(self, x, col):
+        self._split(self._fns["im2col_lanes"], (x, col), col.shape[0])
+
+    def channels_first(self, g, out):
+        self._split(self._fns["channels_first"], (g, out), g.shape[0])
+
+    def maxpool_forward(self, x, out, idx, relu=False):
+        self._split(self._fns["maxpool_forward"], (x, out, idx, bool(relu)), out.shape[0])
+
+    def maxpool_backward(self, g, idx, pooled, relu, dx):
+        self._split(self._fns["maxpool_backward"], (g, idx, pooled, bool(relu), dx), dx.shape[0])
 
 
 _CACHE = {}

@@ -102,6 +102,23 @@ class Layer:
         """Generator: yield ready counts of this layer's block; return the input gradient."""
         raise NotImplementedError
 
+    # -- shapes and arithmetic (per sample, without the batch axis) --------------------
+    def in_shape(self):
+        """The shape of one input sample, if the layer fixes it (None: it takes any)."""
+        return None
+
+    def out_shape(self, in_shape):
+        """The shape of one output sample for an input sample of ``in_shape``."""
+        return tuple(in_shape)
+
+    def flops(self, in_shape):
+        """``(forward, weight gradient, input gradient)`` FLOPs per sample, a multiply-add counting 2.
+
+        Only the multiply-adds of the matrix products and convolutions are counted;
+        elementwise work (bias, ReLU, pooling, softmax) is not.
+        """
+        return 0, 0, 0
+
 
 class Dense(Layer):
     """Fully connected: ``y = x @ W + b``.
@@ -127,6 +144,16 @@ class Dense(Layer):
 
     def spec(self):
         return {"type": "Dense", "in": self.fan_in, "out": self.fan_out}
+
+    def in_shape(self):
+        return (self.fan_in,)
+
+    def out_shape(self, in_shape):
+        return (self.fan_out,)
+
+    def flops(self, in_shape):
+        macs = self.fan_in * self.fan_out
+        return 2 * macs, 2 * macs, 2 * macs
 
     def _batch(self, n):
         """Output, input-gradient and ones (bias gradients by BLAS) arrays for ``n`` rows."""
@@ -178,3 +205,5 @@ class ReLU(Layer):
 
 #: Layer types by the name their ``spec()`` gives (checkpoints store the spec).
 LAYERS = {cls.__name__: cls for cls in (Dense, ReLU)}
+# mlpcore.nn.conv adds its layers (Unflatten, Conv2d, MaxPool2d, Flatten) when it is imported
+# (mlpcore.nn.model imports it; importing it from here would make a cycle).

@@ -24,11 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
+from .conv import lenet5_layers
 from .kernels import get_kernels
 from .layers import Dense, ReLU
 
 #: The models :func:`build_model` knows.
-MODELS = ("mlp",)
+MODELS = ("mlp", "lenet5")
+
+#: Rows :meth:`Sequential.predict_proba` pushes through at once, by model: small enough that
+#: the per-chunk workspaces stay small (LeNet-5's first conv output is 28*28*6 floats a row).
+PREDICT_CHUNK = {"mlp": 8192, "lenet5": 512}
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class Sequential:
         it changes the speed, not the results.
     name : str, optional
         What reports call it (``"mlp"``).
+    predict_chunk : int, default 8192
+        Rows :meth:`predict_proba` computes at once unless told otherwise.
 
     Attributes
     ----------
@@ -72,9 +79,10 @@ class Sequential:
         Every slot's place in those buffers, in buffer order.
     """
 
-    def __init__(self, layers, *, dtype=np.float32, rng, kernels="auto", name="sequential"):
+    def __init__(self, layers, *, dtype=np.float32, rng, kernels="auto", name="sequential", predict_chunk=8192):
         self.layers = list(layers)
         self.name = name
+        self.predict_chunk = int(predict_chunk)
         self.dtype = np.dtype(dtype)
         self.kernels = get_kernels(kernels)
         self.kernels.warm_up(self.dtype)
@@ -132,6 +140,25 @@ class Sequential:
     @property
     def n_params(self):
         return int(self.params.size)
+
+    def flops_per_sample(self, in_shape=None):
+        """FLOPs of one training sample: forward + weight gradients + input gradients of every layer but the first.
+
+        A multiply-add counts 2 FLOPs; only the matrix products and convolutions
+        are counted (:meth:`mlpcore.nn.layers.Layer.flops`), not the elementwise
+        work. The input gradient is counted for the layers backprop computes it
+        for (``needs_input_grad``). ``in_shape``: one sample's shape, by default
+        what the first layer declares (``(784,)`` for the MLP and LeNet-5 on MNIST).
+        """
+        shape = in_shape if in_shape is not None else self.layers[0].in_shape()
+        if shape is None:
+            raise UsageError("flops_per_sample: the first layer does not fix the input shape; pass in_shape")
+        total = 0
+        for layer in self.layers:
+            forward, weights, inputs = layer.flops(tuple(shape))
+            total += forward + weights + (inputs if layer.needs_input_grad else 0)
+            shape = layer.out_shape(tuple(shape))
+        return int(total)
 
     # -- training --------------------------------------------------------------------
     def __call__(self, X):
@@ -201,8 +228,12 @@ class Sequential:
         return 0.5 * alpha * sum(float(np.dot(flat[lo:hi], flat[lo:hi])) for lo, hi in self.decay_ranges()) / n
 
     # -- inference -------------------------------------------------------------------
-    def predict_proba(self, X, chunk=8192):
-        """Class probabilities, shape (n_samples, n_classes), computed in chunks of rows."""
+    def predict_proba(self, X, chunk=None):
+        """Class probabilities, shape (n_samples, n_classes), computed in chunks of rows.
+
+        ``chunk``: rows at once; None: the model's ``predict_chunk`` (8192 for the MLP, 512 for LeNet-5).
+        """
+        chunk = self.predict_chunk if chunk is None else int(chunk)
         X = np.asarray(X, dtype=self.dtype)
         out = None
         for start in range(0, X.shape[0], chunk) or [0]:  # no rows: one empty chunk gives the shape
@@ -228,9 +259,27 @@ def mlp_layers(n_features, hidden, n_classes):
     return layers[:-1]  # no ReLU after the output layer: the softmax follows
 
 
+def image_shape(n_features):
+    """``(side, side, 1)`` for square grey images of ``n_features`` pixels (MNIST: 784 -> 28x28x1)."""
+    side = int(round(np.sqrt(n_features)))
+    if side * side != int(n_features):
+        raise UsageError(f"lenet5 needs square grey images; {n_features} features are not a square number")
+    return (side, side, 1)
+
+
 def build_model(name, *, n_features, n_classes, hidden, dtype, rng, kernels="auto"):
-    """The model ``--model NAME`` trains (one place, for every strategy and the baseline)."""
+    """The model ``--model NAME`` trains (one place, for every strategy and the baseline).
+
+    ``"mlp"``: :func:`mlp_layers` with ``hidden`` widths. ``"lenet5"``: :func:`mlpcore.nn.conv.lenet5_layers`
+    on square grey images of ``n_features`` pixels (``hidden`` is ignored: the architecture is fixed).
+    """
     if name == "mlp":
         return Sequential(mlp_layers(n_features, hidden, n_classes), dtype=dtype, rng=rng, kernels=kernels,
-                          name="mlp")
+                          name="mlp", predict_chunk=PREDICT_CHUNK["mlp"])
+    if name == "lenet5":
+        image = image_shape(n_features)
+        if image[0] < 12:  # two 5x5 convolutions (the first padded) and two 2x2 pools need >= 12 pixels a side
+            raise UsageError(f"lenet5 needs images of at least 12x12 pixels, got {image[0]}x{image[1]}")
+        return Sequential(lenet5_layers(n_classes, image), dtype=dtype, rng=rng, kernels=kernels, name="lenet5",
+                          predict_chunk=PREDICT_CHUNK["lenet5"])
     raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")

@@ -45,6 +45,11 @@ class LocalSync:
     def on_grads_ready(self, ready):
         """Backprop has finished the first ``ready`` values of ``model.grads``."""
 
+    @property
+    def l2_batch(self):
+        """The batch size the L2 term is scaled by (``alpha / 2 * ||W||^2 / batch``): the global batch."""
+        return self.batch_size
+
     def step(self, optimizer, global_batch):
         """The optimizer step, with whatever communication it needs."""
         optimizer.step(global_batch)
@@ -74,8 +79,27 @@ class BatchLoader:
         return self._batches[n]
 
 
+class FloatBatchLoader:
+    """Rows of a float training set, already scaled, as batches in the model's dtype (the estimator's input).
+
+    The array is converted to the model's dtype once; each batch is a gather
+    into a reused buffer. uint8 pixels go through :class:`BatchLoader` instead.
+    """
+
+    def __init__(self, x, dtype):
+        self.x = np.ascontiguousarray(x, dtype=dtype)
+        self._batches = {}
+
+    def __call__(self, rows):
+        n = len(rows)
+        if n not in self._batches:
+            self._batches[n] = np.empty((n, self.x.shape[1]), dtype=self.x.dtype)
+        np.take(self.x, rows, axis=0, out=self._batches[n])
+        return self._batches[n]
+
+
 def fit(model: Sequential, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None, start_epoch=0, losses=(),
-        flush=True):
+        flush=True, stop=None):
     """Train ``model`` in place for ``epochs`` passes.
 
     Parameters
@@ -83,7 +107,9 @@ def fit(model: Sequential, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None
     model : Sequential
     optimizer : Adam
     x : ndarray of uint8, shape (n_samples, n_features)
-        Raw pixels; batches are scaled to [0, 1] as they are drawn.
+        Raw pixels; batches are scaled to [0, 1] as they are drawn. A float
+        array is used as it is (converted to the model's dtype once, not
+        scaled): :class:`FloatBatchLoader`.
     y : ndarray of int, shape (n_samples,)
     epochs : int
     sync : LocalSync or a strategy's sync object
@@ -98,22 +124,26 @@ def fit(model: Sequential, optimizer: Adam, x, y, *, epochs, sync, on_epoch=None
     flush : bool, default True
         Flush denormal floats to zero while training (:mod:`mlpcore.nn.fpenv`);
         False only to measure what that buys.
+    stop : callable(epoch, loss) -> bool, optional
+        Called after ``on_epoch``; True ends training after this epoch (the
+        stopping rule of :class:`mlpcore.estimator.MLPClassifier`).
 
     Returns
     -------
     losses : list of float
         Mean training loss of each epoch, L2 penalty included.
     """
-    load = BatchLoader(x, model.dtype, model.kernels)
+    x = np.asarray(x)
+    load = BatchLoader(x, model.dtype, model.kernels) if x.dtype == np.uint8 else FloatBatchLoader(x, model.dtype)
     y = np.ascontiguousarray(y, dtype=np.intp)
     losses = list(losses)
     with flush_denormals(flush):
-        _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, losses)
+        _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, losses, stop)
     sync.finish()
     return losses
 
 
-def _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, losses):
+def _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, losses, stop=None):
     for epoch in range(start_epoch, epochs):
         loss_sum, n_seen = 0.0, 0
         for rows, global_batch in sync.batches(epoch):
@@ -124,10 +154,12 @@ def _epochs(model, optimizer, load, y, epochs, sync, on_epoch, start_epoch, loss
             for ready in model.backward(yb, 1.0 / global_batch, chunk=sync.grad_chunk):
                 sync.on_grads_ready(ready)
             sync.step(optimizer, global_batch)
-        loss = sync.end_epoch(loss_sum, n_seen) + model.l2_penalty(optimizer.alpha, sync.batch_size)
+        loss = sync.end_epoch(loss_sum, n_seen) + model.l2_penalty(optimizer.alpha, sync.l2_batch)
         losses.append(loss)
         if on_epoch is not None:
             on_epoch(epoch, loss)
+        if stop is not None and stop(epoch, loss):
+            break
 
 
 def train_sequential(x, y, *, hidden, epochs, batch_size, seed, dtype=np.float32, lr=1e-3, alpha=1e-4,

@@ -18,6 +18,7 @@ test-set predictions that rank 0 hands to rank 1.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ CALL_TAG = 41
 
 # Environment variables that process managers set in every rank they start.
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
+def require_thread_multiple(MPI, what):
+    """Raise :class:`UsageError` unless MPI runs at ``MPI_THREAD_MULTIPLE`` (``what`` calls MPI from a thread)."""
+    provided = MPI.Query_thread()
+    if provided < MPI.THREAD_MULTIPLE:
+        names = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled", MPI.THREAD_SERIALIZED: "serialized"}
+        raise UsageError(f"{what} calls MPI from a second thread, which needs MPI_THREAD_MULTIPLE; this MPI "
+                         f"library provides only MPI_THREAD_{names.get(provided, provided).upper()} "
+                         "(build it with thread support, or choose another option)")
 
 
 def env_rank():
@@ -73,6 +84,7 @@ class WorkerOutput:
     losses: list = field(default_factory=list)  # per-epoch training loss
     n_train: int = 0
     train_s: float = 0.0           # seconds in training (the speed-up's numerator)
+    peak_rss_mb: float = 0.0       # the worker process's peak resident memory so far
 
 
 class Launcher:
@@ -105,7 +117,17 @@ class Launcher:
         """Facts for results.json's ``environment``."""
         return {"launcher": self.name, "world_size": self.size, "cores": self.cores,
                 "threads_requested": self.threads, "oversubscribed": self.oversubscribed,
-                "mpi_library": self.mpi_library()}
+                "mpi_library": self.mpi_library(), "placement": self.placement()}
+
+    def placement(self):
+        """Where the ranks ran: ``nodes``, ``ranks_per_node`` ({host: [ranks]}) and whether collectives crossed nodes."""
+        hosts = getattr(self, "hosts", None) or [platform.node()] * self.size
+        per_node = {}
+        for rank, host in enumerate(hosts):
+            per_node.setdefault(host, []).append(rank)
+        # Every collective of mlpcore runs on the whole world: with 2+ nodes each crosses them.
+        return {"nodes": len(per_node), "ranks_per_node": per_node, "hosts": list(hosts),
+                "collectives_cross_nodes": len(per_node) > 1}
 
     def mpi_library(self):
         return None
@@ -159,6 +181,10 @@ class Launcher:
 
     def gather_spans(self, timer):
         """Every rank's phase spans on the root (under MPI); None means "in the outputs"."""
+        return None
+
+    def gather_peak_rss(self):
+        """Every rank's peak resident memory in MB on the root (under MPI); None means "in the outputs"."""
         return None
 
 class SerialLauncher(Launcher):
@@ -216,7 +242,16 @@ def _run_member(member, rank, x, y, x_test, settings, threads, t0):
     out = member(rank, x, y, x_test, settings, timer)
     out.threads = threads_used
     out.spans = timer.spans
+    out.peak_rss_mb = peak_rss_mb()
     return out
+
+
+def peak_rss_mb():
+    """This process's peak resident set size so far, in MB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 class MPILauncher(Launcher):
@@ -389,6 +424,10 @@ class MPILauncher(Launcher):
         """Every rank's phase spans, on the root (small, pickled)."""
         self.watch("gather of the phase spans")
         return self.comm.gather(timer.spans, root=0)
+
+    def gather_peak_rss(self):
+        """Every rank's peak resident memory in MB, on the root (one float per rank)."""
+        return self.comm.gather(peak_rss_mb(), root=0)
 
     def abort(self, code):
         # Give mpirun a moment to forward what this rank just printed: on MPI_Abort,

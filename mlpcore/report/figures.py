@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..data import N_CLASSES, N_FEATURES
 from ..fsio import atomic_savefig
+from .console import model_label
 from .metrics import confusion_matrix
 from .trace import gantt
 
@@ -40,7 +41,8 @@ def run_figures(run_dir, results, predictions, show=False):
     plt = _pyplot(show)
     run_dir = Path(run_dir)
     cfg, files = results["config"], []
-    title = f"{cfg['strategy']}" + (f" ({cfg['vote']} vote)" if cfg["strategy"] == "ensemble" else "")
+    title = f"{model_label(results)}, {cfg['strategy']}" + (f" ({cfg['vote']} vote)" if cfg["strategy"] == "ensemble"
+                                                            else "")
     y_test = predictions["y_test"]
     files.append(confusion_heatmap(plt, run_dir / "confusion_parallel.png", y_test, predictions["y_pred"],
                                    f"{title}, {results['environment']['world_size']} workers: "
@@ -50,7 +52,8 @@ def run_figures(run_dir, results, predictions, show=False):
         b = baselines[0]
         files.append(confusion_heatmap(plt, run_dir / "confusion_baseline.png", y_test,
                                        predictions["baseline_y_pred"],
-                                       f"sequential baseline ({b['threads']} thread): accuracy {b['accuracy']:.4f}"))
+                                       f"{model_label(results)}, sequential baseline ({b['threads']} thread): "
+                                       f"accuracy {b['accuracy']:.4f}"))
     if cfg["strategy"] == "ensemble":
         files.append(task_graph(plt, run_dir / "task_graph.png", results))
     if results.get("compare"):
@@ -99,7 +102,7 @@ def task_graph(plt, path, results):
     G.add_node("load", layer=0, label=f"load MNIST\n(rank 0)")
     G.add_node("vote", layer=3, label="vote\n(rank 0)")
     for r in range(n):
-        G.add_node(f"train{r}", layer=1, label=f"train\nrank {r}\n{shard_sizes[r]} imgs")
+        G.add_node(f"train{r}", layer=1, label=f"train {results['config']['model']}\nrank {r}\n{shard_sizes[r]} imgs")
         G.add_node(f"predict{r}", layer=2, label=f"predict\nrank {r}")
         shard_bytes = shard_sizes[r] * (n_features + 1)
         test_bytes = 0 if r == 0 else n_test * n_features
@@ -127,7 +130,7 @@ def task_graph(plt, path, results):
     if baseline:  # curved below the ranks, so they don't cross the shards' edges
         nx.draw_networkx_edges(G, pos, edgelist=baseline, ax=ax, arrows=True, arrowsize=12, node_size=2600,
                                edge_color="#c07020", style="dashed", connectionstyle="arc3,rad=0.25")
-    ax.set_title(f"Task graph of this run: {n} ranks, bytes moved on each edge "
+    ax.set_title(f"Task graph of this run ({model_label(results)}): {n} ranks, bytes moved on each edge "
                  "(uint8 shards and test set out, float32 probabilities back)", fontsize=9)
     ax.axis("off")
     fig.tight_layout()

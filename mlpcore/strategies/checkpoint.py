@@ -34,11 +34,12 @@ To use it from a training loop (see :func:`mlpcore.nn.train.train_sequential`)::
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,15 @@ from ..errors import UsageError
 from ..fsio import atomic_write
 
 FOLDER = "checkpoints"
-FORMAT = 2  # 2: the model's spec and parameter layout are stored
+FORMAT = 3  # 2: the model's spec and parameter layout; 3: the training data's checksum
 # Options that may change between a run and its resumption: where and how
-# output is written, checkpointing itself, the watchdog. Every other option
-# decides what is trained and must be the same.
+# output is written, checkpointing itself, the watchdog, what the root does
+# after training (the vote shown, the baselines). Every other option decides
+# what is trained and must be the same. Where the data comes from may change
+# too: the checkpoint holds the training arrays' checksum, which must match.
 MAY_DIFFER = ("out", "overwrite", "no_plots", "show", "quiet", "resume", "checkpoint_every", "stall_timeout",
-              "kernels")  # numba and numpy kernels train the same model, bit for bit
+              "kernels",  # numba and numpy kernels train the same model, bit for bit
+              "vote", "no_baseline", "baseline_threads", "data", "source", "download", "mirror")
 
 
 def fingerprint(config, world_size):
@@ -81,14 +85,14 @@ def clear(run_dir):
 
 
 # -- writing ----------------------------------------------------------------------
-def write(run_dir, rank, *, epoch, losses, model, optimizer, rng, fingerprint):
+def write(run_dir, rank, *, epoch, losses, model, optimizer, rng, fingerprint, data_sha256=""):
     """Write rank ``rank``'s checkpoint after ``epoch`` epochs, atomically, keeping the previous one."""
     latest, previous = paths(run_dir, rank)
     latest.parent.mkdir(parents=True, exist_ok=True)
     state = optimizer.state()
     buf = io.BytesIO()
     np.savez(buf, format=np.int64(FORMAT), rank=np.int64(rank), epoch=np.int64(epoch),
-             losses=np.asarray(losses, dtype=np.float64), params=model.params,
+             losses=np.asarray(losses, dtype=np.float64), params=model.params, data_sha256=np.str_(data_sha256),
              model_spec=np.str_(json.dumps(model.spec(), sort_keys=True)),
              adam_t=np.int64(state["t"]), adam_M=state["M"], adam_V=state["V"],
              rng_state=np.str_(json.dumps(rng.bit_generator.state)), fingerprint=np.str_(fingerprint))
@@ -104,7 +108,7 @@ def read(path):
             ckpt = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
         return None
-    needed = ("format", "rank", "epoch", "losses", "params", "model_spec", "adam_t", "adam_M", "adam_V",
+    needed = ("format", "rank", "epoch", "losses", "params", "model_spec", "data_sha256", "adam_t", "adam_M", "adam_V",
               "rng_state", "fingerprint")
     if any(k not in ckpt for k in needed) or int(ckpt["format"]) != FORMAT:
         return None
@@ -164,7 +168,7 @@ def choose_start(found, world_size, shared_model):
 
 
 # -- the plan every worker gets -----------------------------------------------------
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CheckpointPlan:
     """What each worker needs to write and restore checkpoints (small and picklable, for joblib).
 
@@ -178,12 +182,15 @@ class CheckpointPlan:
         Per rank: the checkpointed epoch to resume from (0: from scratch).
     fingerprint : str
         See :func:`fingerprint`.
+    data_sha256 : str
+        The training arrays' checksum (:func:`data_checksum`), set once the data is loaded.
     """
 
     directory: str
     every: int
     start_epochs: tuple
     fingerprint: str
+    data_sha256: str = ""
 
     def for_rank(self, rank):
         return RankCheckpoint(self, rank)
@@ -231,6 +238,39 @@ def check_model(path, saved, current):
 
 def _layer(spec):
     return spec["type"] + "".join(f" {k}={v}" for k, v in spec.items() if k != "type")
+
+
+def data_checksum(x, y):
+    """sha256 of the training arrays' bytes: what a resumed run must train on (the path may change)."""
+    digest = hashlib.sha256()
+    for array in (x, y):
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def bind_data(launcher, chosen, data):
+    """Collective, after the load: the plan with the training data's checksum, checked against ``--resume``'s.
+
+    Raises :class:`UsageError` on every rank when a checkpoint to resume from
+    was written while training on other data.
+    """
+    if chosen is None:
+        return None
+
+    def check():
+        digest = data_checksum(data.x_train, data.y_train)
+        for rank, epoch in enumerate(chosen.start_epochs):
+            if epoch:
+                path = available(chosen.directory, rank, chosen.fingerprint)[epoch]
+                saved = str(read(path)["data_sha256"])
+                if saved != digest:
+                    raise UsageError(f"--resume: {path} was trained on other data (training arrays' sha256 "
+                                     f"{saved[:12]}..., now {digest[:12]}...); resume with the same data")
+        return dataclasses.replace(chosen, data_sha256=digest)
+
+    bound = launcher.on_root(check, "resume")
+    return launcher.comm.bcast(bound, root=0) if launcher.comm is not None else bound
 
 
 def plan_for_run(launcher, config, run_dir, *, shared_model):
@@ -296,7 +336,8 @@ class RankCheckpoint:
             done = epoch + 1
             if self.plan.every and done % self.plan.every == 0:
                 write(self.plan.directory, self.rank, epoch=done, losses=history, model=model,
-                      optimizer=optimizer, rng=rng, fingerprint=self.plan.fingerprint)
+                      optimizer=optimizer, rng=rng, fingerprint=self.plan.fingerprint,
+                      data_sha256=self.plan.data_sha256)
             if then is not None:
                 then(epoch, loss)
 

@@ -29,6 +29,8 @@ from ..nn.model import build_model
 from ..nn.optim import Adam
 from ..nn.train import LocalSync, fit
 from ..parallel.blas import blas_threads
+from ..parallel.launchers import require_thread_multiple
+from ..parallel.timing import PhaseTimer
 from .outcome import Outcome
 
 #: Per-step compute/communication spans are kept for this many steps only, so
@@ -130,7 +132,7 @@ class AllreduceSync(LocalSync):
             elif self.overlap == "nonblocking":
                 request.Wait()
             else:
-                self._bucket_done.acquire()  # the communication thread finished this bucket
+                self._wait_for_thread_bucket()
             waits.append((wait_start, time.perf_counter()))
             optimizer.update(start, stop)
         exposed = sum(end - begin for begin, end in waits)
@@ -147,22 +149,38 @@ class AllreduceSync(LocalSync):
 
     # -- the communication thread (--overlap thread) -----------------------------
     def _start_comm_thread(self):
+        require_thread_multiple(self.MPI, "--overlap thread")
         # Its own communicator, so its Allreduces never match the main thread's collectives.
         self._thread_comm = self.comm.Dup()
         self._queue = queue.Queue()
         self._bucket_done = threading.Semaphore(0)
+        self._thread_error = None
         self._thread = threading.Thread(target=self._comm_loop, name="mlpcore-allreduce", daemon=True)
         self._thread.start()
 
     def _comm_loop(self):
-        # MPI sums the buckets on this thread: flush denormals here too, as training
-        # does on the main thread, so that every overlap mode computes the same sums.
-        with flush_denormals():
-            while (bucket := self._queue.get()) is not None:
-                start, stop = bucket
-                # mpi4py releases the GIL in here, so backprop goes on in the main thread.
-                self._thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-                self._bucket_done.release()
+        # The test-only fault switch can fail this thread on entering "comm-thread".
+        timer = PhaseTimer(rank=self.rank)
+        try:
+            # MPI sums the buckets on this thread: flush denormals here too, as training
+            # does on the main thread, so that every overlap mode computes the same sums.
+            with timer.phase("comm-thread"), flush_denormals():
+                while (bucket := self._queue.get()) is not None:
+                    start, stop = bucket
+                    # mpi4py releases the GIL in here, so backprop goes on in the main thread.
+                    self._thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
+                    self._bucket_done.release()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            self._thread_error = exc
+            self._bucket_done.release()  # wake the main thread if it waits for a bucket
+
+    def _wait_for_thread_bucket(self):
+        """Block until the communication thread has summed the next bucket; raise what it raised."""
+        self._bucket_done.acquire()
+        if self._thread_error is not None:
+            # Raised on the main thread, the CLI ends the whole job with it (MPI_Abort):
+            # the other ranks may be blocked in the sum this thread will never finish.
+            raise self._thread_error
 
     def end_epoch(self, loss_sum, n_seen):
         self.watch("epoch loss")
@@ -208,8 +226,15 @@ class LocalSGDSync(LocalSync):
         for rows in np.array_split(order, self.steps_per_epoch):
             yield rows, len(rows)
 
-    def step(self, optimizer, global_batch):
-        optimizer.step(global_batch)
+    @property
+    def l2_batch(self):
+        """The global batch: every rank's share together, so that the L2 strength is the sequential run's."""
+        return self.batch_size * self.size
+
+    def step(self, optimizer, local_batch):
+        # The data gradient is this rank's local mean; the L2 term is scaled by the
+        # global batch, as in allreduce and the sequential baseline (not N times stronger).
+        optimizer.step(local_batch * self.size)
         self.steps += 1
         if self.sync_every and self.steps % self.sync_every == 0:
             self.average()
@@ -276,7 +301,7 @@ def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_par
     # allreduce: the same seed everywhere, so every rank draws the same sample
     # order. localsgd: seed + rank, so the ranks' shards are shuffled differently.
     rng = np.random.default_rng(config.seed if strategy == "allreduce" else config.seed + rank)
-    model = build_model("mlp", n_features=x.shape[1], n_classes=N_CLASSES, hidden=config.hidden,
+    model = build_model(config.model, n_features=x.shape[1], n_classes=N_CLASSES, hidden=config.hidden,
                         dtype=np.dtype(config.dtype), rng=rng, kernels=config.kernels)
     if initial_params is not None:
         model.params[...] = initial_params

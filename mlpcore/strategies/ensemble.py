@@ -113,7 +113,7 @@ def train_member(rank, x, y, x_test, job, timer):
             model, losses = _train_sklearn(x, y, config, seed)
         else:
             model, losses, _ = train_sequential(
-                x, y, hidden=config.hidden, epochs=config.epochs, batch_size=config.batch_size,
+                x, y, model=config.model, hidden=config.hidden, epochs=config.epochs, batch_size=config.batch_size,
                 seed=seed, dtype=dtype, lr=config.lr, alpha=config.alpha, kernels=config.kernels,
                 n_classes=N_CLASSES, on_epoch=None if bar is None else (lambda epoch, loss: bar.update(1)),
                 checkpoint=None if job.checkpoint is None else job.checkpoint.for_rank(rank))
@@ -174,4 +174,5 @@ def run(config, launcher, data, timer, plan=None):
         member_probs=probs,  # (members, n_test, classes): saved in predictions.npz
         votes=predictions,
         worker_spans=[out.spans for out in outputs],
+        worker_peak_rss_mb=[out.peak_rss_mb for out in outputs],
     )

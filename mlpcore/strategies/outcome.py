@@ -35,6 +35,8 @@ class Outcome:
         The ensemble's predictions by each vote, ``{"soft": ..., "hard": ...}``.
     worker_spans : list or None
         joblib/serial: each worker's phase spans (MPI gathers them separately).
+    worker_peak_rss_mb : list of float or None
+        joblib/serial: each worker process's peak resident memory (MPI gathers it separately).
     overlap : dict or None
         Data-parallel training: the communication summary (calls, bytes,
         total_s in flight, exposed_s, fraction hidden, mode).
@@ -52,5 +54,6 @@ class Outcome:
     member_probs: np.ndarray | None = None
     votes: dict | None = None
     worker_spans: list | None = None
+    worker_peak_rss_mb: list | None = None
     overlap: dict | None = None
     comm_exposed_per_rank: list | None = None

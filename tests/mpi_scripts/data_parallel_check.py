@@ -69,8 +69,11 @@ if rank == 0:
     independent = []
     for r in range(size):
         part = slice(bounds[r], bounds[r + 1])
-        # Alone on COMM_SELF a rank's batch is the whole --batch-size: give it its share.
-        config = base.replace(sync_every=0, seed=base.seed + r, batch_size=base.batch_size // size)
+        # Alone on COMM_SELF a rank's batch is the whole --batch-size: give it its share. Its
+        # L2 term is scaled by that share, in the world run by the global batch: alpha / size
+        # gives the same strength (this fails if local SGD's L2 were N times the sequential's).
+        config = base.replace(sync_every=0, seed=base.seed + r, batch_size=base.batch_size // size,
+                              alpha=base.alpha / size)
         model, _, _ = train_data_parallel("localsgd", MPI.COMM_SELF, x[part], y[part], config,
                                           initial_params=init.params)
         independent.append(model.params.copy())
