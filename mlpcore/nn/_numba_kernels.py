@@ -176,9 +176,10 @@ FUNCTIONS = {"gather_scaled": gather_scaled, "bias_add": bias_add, "relu": relu,
 @jit
 def _conv_fwd_2x5(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0, b1):
     # out[oh, ow, co(+1)] = (b if init else out) + 5 taps k..k+4 of kernel row kh, left to right
-    c0, c1, c2, c3, c4 = taps[co, kh, k], taps[co, kh, k + 1], taps[co, kh, k + 2], taps[co, kh, k + 3], taps[co, kh, k + 4]
-    d0, d1, d2, d3, d4 = (taps[co + 1, kh, k], taps[co + 1, kh, k + 1], taps[co + 1, kh, k + 2], taps[co + 1, kh, k + 3],
-                          taps[co + 1, kh, k + 4])
+    c0, c1, c2, c3, c4 = (taps[co, kh, k], taps[co, kh, k + 1], taps[co, kh, k + 2], taps[co, kh, k + 3],
+                          taps[co, kh, k + 4])
+    d0, d1, d2, d3, d4 = (taps[co + 1, kh, k], taps[co + 1, kh, k + 1], taps[co + 1, kh, k + 2],
+                          taps[co + 1, kh, k + 3], taps[co + 1, kh, k + 4])
     i = r + k
     if init:
         for n in range(out.shape[3]):

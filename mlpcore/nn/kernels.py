@@ -163,7 +163,8 @@ class NumpyKernels:
         np.copyto(out, x[:, :out.shape[0]].T)
 
     def conv2d_forward(self, x, w, b, out):
-        """``out[oh, ow, co] = b[co] + sum over (kh, kw, ci), in that order, of w[co, kh, kw, ci] * x[oh+kh, ow+kw, ci]``.
+        """The convolution ``out[oh, ow, co] = b[co] + sum over (kh, kw, ci), in that order, of
+        w[co, kh, kw, ci] * x[oh+kh, ow+kw, ci]``.
 
         ``x`` (Hp, Wp, Cin, lanes) is the (already padded) input, ``w`` (Cout, KH, KW, Cin),
         ``out`` (Ho, Wo, Cout, lanes); stride 1.
@@ -179,7 +180,8 @@ class NumpyKernels:
                     out += term
 
     def conv2d_backward_input(self, g, wt, dx, pad):
-        """``dx[ih, iw, ci] = 0 + sum over valid (kh, kw), in that order, and co of wt[kh, kw, ci, co] * g[oh, ow, co]``.
+        """The input gradient ``dx[ih, iw, ci] = 0 + sum over valid (kh, kw), in that order, and co of
+        wt[kh, kw, ci, co] * g[oh, ow, co]``.
 
         ``oh = ih + pad - kh``, ``ow = iw + pad - kw``; ``wt`` is the weight as (KH, KW, Cin, Cout),
         ``g`` (Ho, Wo, Cout, lanes), ``dx`` (H, W, Cin, lanes) the unpadded input's gradient.
@@ -202,7 +204,8 @@ class NumpyKernels:
                     region += term
 
     def fold_lanes(self, P, out):
-        """``out[j]`` = the sum of ``P[j, :]``: halve the lanes while their count is even, then add the rest in order."""
+        """``out[j]`` = the sum of ``P[j, :]``: halve the lanes while their count is even, then add the rest
+        in order (``P`` is overwritten)."""
         L = P.shape[1]
         while L % 2 == 0 and L > 1:
             h = L // 2
@@ -259,7 +262,8 @@ class NumpyKernels:
         np.copyto(out, g.transpose(2, 0, 1, 3))
 
     def maxpool_forward(self, x, out, idx, relu=False):
-        """``out`` = the maximum of each k x k window of ``x`` (stride k), ``idx`` = its place ``i*k + j`` in the window.
+        """``out`` = the maximum of each k x k window of ``x`` (stride k), ``idx`` = its place ``i*k + j``
+        in the window.
 
         Ties: the first in row-major window order wins; a NaN wins over any number (the first NaN does).
         ``relu``: then ``out = max(out, 0)`` (:meth:`relu`): a ReLU before the pool, fused.

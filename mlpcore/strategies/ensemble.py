@@ -19,7 +19,7 @@ import numpy as np
 from ..data import N_CLASSES, to_float
 from ..nn.kernels import get_kernels
 from ..nn.train import train_sequential
-from ..parallel.blas import repin_blas_threads
+from ..parallel.blas import blas_threads, repin_blas_threads
 from ..parallel.launchers import WorkerOutput
 from .outcome import Outcome
 
@@ -93,6 +93,9 @@ def prepare_trainer(trainer, kernels, dtype):
     else:
         get_kernels(kernels).warm_up(dtype)
     repin_blas_threads()
+    if trainer != "sklearn":
+        # The convolution kernels split their loops over as many threads as BLAS may use here.
+        get_kernels(kernels).set_threads(blas_threads())
 
 
 def train_member(rank, x, y, x_test, job, timer):
