@@ -15,8 +15,9 @@ What it measures (full MNIST unless ``--train-limit``), in this order:
    (``pip install -e .[bench]``). Each row: time per epoch (median of the epochs
    after the first), achieved GFLOP/s (``Sequential.flops_per_sample()`` x samples /
    time: forward + weight gradients + input gradients of every layer but the first,
-   a multiply-add counting 2), that as a share of the SGEMM rate, and the ratio
-   PyTorch time / mlpcore time at the same thread count.
+   a multiply-add counting 2), that as a share of the SGEMM rate, and on each
+   mlpcore row the ratio PyTorch time / mlpcore time at the same thread count
+   (> 1: mlpcore faster).
 
 Usage (from the repository root):
 
@@ -165,8 +166,9 @@ def epoch_times(train_one_epoch, epochs):
     return times
 
 
-def mlpcore_sequential(data, threads, epochs):
-    """mlpcore's LeNet-5, sequential, ``threads`` BLAS threads; returns (epoch seconds, flops/sample, accuracy)."""
+def mlpcore_sequential(data, threads, epochs, blas_threads=None):
+    """mlpcore's LeNet-5, sequential: the conv kernels on ``threads`` threads, BLAS on ``blas_threads``
+    (default the same); returns (epoch seconds, flops/sample, accuracy)."""
     times, state = [], {}
 
     def on_epoch(epoch, loss):
@@ -176,7 +178,7 @@ def mlpcore_sequential(data, threads, epochs):
 
     kernels = get_kernels("auto")
     kernels.set_threads(threads)  # the conv kernels' threads (BLAS's are pinned by threadpool_limits)
-    with threadpool_limits(threads):
+    with threadpool_limits(threads if blas_threads is None else blas_threads):
         state["t"] = time.perf_counter()
         model, _, _ = train_sequential(data.x_train, data.y_train, model="lenet5", hidden=(), epochs=epochs,
                                        batch_size=BATCH, seed=0, lr=LR, alpha=ALPHA, on_epoch=on_epoch)
@@ -233,9 +235,15 @@ def torch_lenet(data, threads, epochs):
     return times, None, accuracy
 
 
+def mlpcore_sequential_blas1(data, threads, epochs):
+    """As :func:`mlpcore_sequential` with BLAS on one thread (only the conv kernels threaded)."""
+    return mlpcore_sequential(data, threads, epochs, blas_threads=1)
+
+
 #: One row each: (label, function, threads, peer). The lead adds the strategy rows here.
 CONFIGS = [("mlpcore LeNet-5 sequential", mlpcore_sequential, 1, "mlpcore"),
            ("mlpcore LeNet-5 sequential", mlpcore_sequential, 2, "mlpcore"),
+           ("mlpcore LeNet-5, BLAS 1 thread", mlpcore_sequential_blas1, 2, "mlpcore"),
            ("PyTorch LeNet-5 (CPU)", torch_lenet, 1, "torch"),
            ("PyTorch LeNet-5 (CPU)", torch_lenet, 2, "torch")]
 
@@ -246,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="6000 images, 2 epochs")
     parser.add_argument("--skip-kernels", action="store_true", help="skip the conv-choice and per-layer tables")
+    parser.add_argument("--no-strategies", action="store_true", help="skip the mpirun rows of the strategies")
+    parser.add_argument("--strategy-epochs", type=int, default=10,
+                        help="epochs of each strategy run (default: 10, the default experiment)")
     args = parser.parse_args(argv)
     epochs = 2 if args.quick else max(2, args.epochs)
     limit = 6000 if args.quick else args.train_limit
@@ -294,12 +305,59 @@ def main(argv=None):
     for (label, threads), (times, _, accuracy, peer) in results.items():
         median = medians[(label, threads)]
         gflops = flops * n_train / median / 1e9
-        mine = medians.get(("mlpcore LeNet-5 sequential", threads))
         theirs = medians.get(("PyTorch LeNet-5 (CPU)", threads))
-        ratio = f"{theirs / mine:13.2f}" if (mine and theirs and peer == "torch") else f"{'':13s}"
+        ratio = f"{theirs / median:13.2f}" if (theirs and peer == "mlpcore") else f"{'':13s}"
         print(f"  {label:30s} {threads:7d} {median:8.2f} {gflops:8.1f} {100 * gflops / rate:7.0f}% "
               f"{accuracy:6.4f} {ratio}")
     print("  (accuracy after the epochs run here, not the 10-epoch target)")
+
+    if not args.no_strategies:
+        strategy_rows(epochs if args.quick else args.strategy_epochs, limit)
+
+
+#: The strategies at n=2 against their own 1-thread sequential baseline, each a real run of
+#: ``mpirun -n 2 mpi_train.py --model lenet5`` (the baseline is trained in the same run).
+STRATEGY_RUNS = [
+    ("allreduce, overlap none", ["--strategy", "allreduce", "--overlap", "none", "--bucket-kb", "64"]),
+    ("allreduce, overlap nonblocking", ["--strategy", "allreduce", "--overlap", "nonblocking", "--bucket-kb", "64"]),
+    ("allreduce, overlap thread", ["--strategy", "allreduce", "--overlap", "thread", "--bucket-kb", "64"]),
+    ("localsgd K=10", ["--strategy", "localsgd", "--sync-every", "10"]),
+    ("ensemble (soft vote)", ["--strategy", "ensemble"]),
+]
+
+
+def strategy_rows(epochs, limit, ranks=2):
+    """Each strategy at ``ranks`` ranks x 1 thread: time, speed-up and efficiency vs the 1-thread run, accuracy."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        print("\nmpirun not found: the strategy rows were skipped (pip install -e .[mpi])")
+        return
+    print(f"\nStrategies, mpirun -n {ranks} python mpi_train.py --model lenet5 --epochs {epochs} --threads 1 "
+          f"(each run times its own 1-thread sequential baseline):")
+    print(f"  {'strategy':32s} {'train s':>8s} {'seq s':>7s} {'speed-up':>8s} {'effic.':>6s} {'acc':>7s} "
+          f"{'seq acc':>7s} {'overlap':>7s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, extra) in enumerate(STRATEGY_RUNS):
+            out = Path(tmp) / f"run{i}"
+            cmd = [mpirun, "-n", str(ranks), sys.executable, str(REPO / "mpi_train.py"), "--model", "lenet5",
+                   "--epochs", str(epochs), "--threads", "1", "--quiet", "--no-plots", "--out", str(out), *extra]
+            if limit:
+                cmd += ["--train-limit", str(limit)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                print(f"  {label:32s} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads((out / "results.json").read_text())
+            t, seq = r["timings"]["parallel_train_s"], r["timings"]["baseline_train_s"]
+            overlap = (r["strategy"].get("overlap") or {}).get("fraction")
+            print(f"  {label:32s} {t:8.2f} {seq:7.2f} {seq / t:8.2f} {seq / t / ranks:6.2f} "
+                  f"{r['metrics']['accuracy']:7.4f} {r['metrics']['baseline_accuracy']:7.4f} "
+                  f"{'' if overlap is None else f'{overlap:.0%}':>7s}")
 
 
 if __name__ == "__main__":
