@@ -455,11 +455,11 @@ class MpiRun:
         return self.stdout + self.stderr
 
     def placement(self):
-        """{host: [ranks]} as the launchers saw them."""
+        """{host: [ranks]} as the launchers saw them (a rank's child process inherits PMI_RANK: counted once)."""
         out = {}
         for e in self.events:
             if e.get("event") == "rank":
-                out.setdefault(e["host"], []).append(e["rank"])
+                out.setdefault(e["host"], set()).add(e["rank"])
         return {h: sorted(r) for h, r in out.items()}
 
 

@@ -244,7 +244,8 @@ def test_stall_watchdog_ignores_the_roots_own_work(tmp_path):
     res = run_cli([*args, "--stall-timeout", "1.5"], 2, out=tmp_path / "watched", env=fault_env(slow),
                   timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr
-    assert "stall" not in res.stderr
+    # No stall ended the job (a warning may come while a loaded rank compiles its kernels: a fifth of 1.5 s).
+    assert not error_lines(res.stderr, "stall:"), res.stderr
     assert res.results["timings"]["baseline_train_s"] < faults.SLEEP_S  # the pause is outside the timing
     ref = run_cli(args, 2, out=tmp_path / "plain", timeout=TIMEOUT)
     assert ref.returncode == 0, ref.stderr
