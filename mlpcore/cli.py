@@ -161,6 +161,12 @@ def build_parser():
                            "(0 = one bucket per layer)")
     dist.add_argument("--sync-every", type=_non_negative_int, default=10, metavar="K",
                       help="localsgd: average the models every K steps (0 = once, at the end)")
+    dist.add_argument("--shard-optimizer", action="store_true",
+                      help="allreduce: ZeRO-1, reduce-scatter the gradients, each rank steps Adam on 1/N of the "
+                           "parameters, allgather them")
+    dist.add_argument("--node-shm", action="store_true",
+                      help="allreduce: gradients and parameters in a node-local MPI-3 shared-memory window, one "
+                           "leader per node talks to the other nodes")
 
     threads = p.add_argument_group("threads and baseline")
     threads.add_argument("--threads", type=_positive_int, default=None,
@@ -381,6 +387,7 @@ def plan(config, launcher, n_train, n_test, n_features, origin):
 
     from .data import N_CLASSES, shard_bounds
     from .nn.model import build_model
+    from .strategies.data_parallel import VARIANTS
 
     name = getattr(config, "model", "mlp")
     model = build_model(name, n_features=n_features, n_classes=N_CLASSES, hidden=config.hidden,
@@ -394,9 +401,13 @@ def plan(config, launcher, n_train, n_test, n_features, origin):
         if strategy == "ensemble":
             moves[strategy] = {"scatter": train_bytes, "bcast": n_test * n_features * (size - 1),
                                "gather": size * n_test * N_CLASSES * 4}
-        elif strategy == "allreduce":
+        elif strategy == "allreduce" or strategy in VARIANTS:
             steps = config.epochs * -(-n_train // min(config.batch_size, n_train))
-            moves[strategy] = {"bcast": train_bytes * (size - 1), "allreduce": steps * param_bytes * size}
+            shard, shm = VARIANTS.get(strategy, (False, False)) if config.compare else \
+                (config.shard_optimizer, config.node_shm)
+            # The same gradient bytes each way; --node-shm combines them with loads from shared memory.
+            how = "shared memory" if shm else "reduce-scatter + allgather" if shard else "allreduce"
+            moves[strategy] = {"bcast": train_bytes * (size - 1), how: steps * param_bytes * size}
         else:
             local_batch = min(max(1, config.batch_size // size), max(shards))
             steps = config.epochs * min(-(-max(shards) // local_batch), min(shards))

@@ -70,6 +70,8 @@ class RunConfig:
     overlap: str = "nonblocking"
     bucket_kb: int = 256
     sync_every: int = 10
+    shard_optimizer: bool = False
+    node_shm: bool = False
     # threads and baseline
     threads: int | None = None
     baseline_threads: tuple = (1,)
@@ -110,8 +112,18 @@ class RunConfig:
 
     @property
     def strategies(self):
-        """The strategies this run trains: all of them with ``--compare``."""
-        return STRATEGIES if self.compare else (self.strategy,)
+        """The strategies this run trains: all of them with ``--compare``.
+
+        With ``--compare --shard-optimizer`` and/or ``--node-shm``, allreduce is
+        also trained with those options, each combination a row of its own
+        (``zero1``, ``node-shm``, ``shm+zero1``; the ``allreduce`` row stays plain).
+        """
+        if not self.compare:
+            return (self.strategy,)
+        from .strategies.data_parallel import compare_variants
+
+        at = STRATEGIES.index("allreduce") + 1
+        return (*STRATEGIES[:at], *compare_variants(self), *STRATEGIES[at:])
 
     @property
     def progress(self):
@@ -138,7 +150,8 @@ def _number(name, value, allow_none=False):
         raise UsageError(f"--{name} expects a number, got {value!r}")
 
 
-FLAGS = ("compare", "no_baseline", "download", "overwrite", "no_plots", "show", "quiet")
+FLAGS = ("compare", "no_baseline", "download", "overwrite", "no_plots", "show", "quiet", "shard_optimizer",
+         "node_shm")
 PATHS = ("data", "mirror", "out", "resume")
 
 
@@ -192,6 +205,14 @@ def _validate(c):
     if c.trainer == "sklearn" and c.model != "mlp":
         raise UsageError(f"--trainer sklearn trains scikit-learn's MLPClassifier, not --model {c.model}; "
                          "use --trainer numpy (the default) for it")
+    if (c.shard_optimizer or c.node_shm) and c.strategy != "allreduce" and not c.compare:
+        used = " and ".join(f"--{n}" for n, on in (("shard-optimizer", c.shard_optimizer), ("node-shm", c.node_shm))
+                            if on)
+        raise UsageError(f"{used} change how --strategy allreduce combines the gradients; --strategy "
+                         f"{c.strategy} does not combine gradients (use --strategy allreduce, or --compare)")
+    if c.node_shm and c.overlap == "thread":
+        raise UsageError("--node-shm with --overlap thread: the node's reduction is the ranks' own loads and "
+                         "stores, with no message for a thread to progress; use --overlap none or nonblocking")
     if c.trainer == "sklearn" and c.strategy != "ensemble":
         raise UsageError("--trainer sklearn supports only --strategy ensemble "
                          "(the data-parallel strategies need mlpcore's own gradients)")

@@ -317,6 +317,7 @@ GOOD_PY = {
     "dtype": st.one_of(st.none(), st.sampled_from(DTYPES)), "seed": st.integers(0, MAX_SEED),
     "kernels": st.sampled_from(KERNELS), "model": st.sampled_from(MODELS), "vote": st.sampled_from(VOTES), "overlap": st.sampled_from(OVERLAPS),
     "bucket_kb": st.integers(0, 10**6), "sync_every": st.integers(0, 10**4),
+    "shard_optimizer": st.booleans(), "node_shm": st.booleans(),
     "threads": st.one_of(st.none(), st.integers(1, 64)),
     "baseline_threads": st.lists(st.one_of(st.integers(1, 64), st.just("all")), min_size=1, max_size=3).map(tuple),
     "no_baseline": st.booleans(), "data": st.one_of(st.none(), path_text), "source": st.sampled_from(SOURCES),

@@ -202,6 +202,45 @@ def test_mpi_train_across_two_nodes(nodes, tmp_path):
     assert_nodes_empty(nodes)
 
 
+@pytest.mark.timeout(300)
+def test_sharded_optimizer_and_node_shm_across_two_nodes(nodes, tmp_path):
+    """ZeRO-1 and --node-shm on 2 nodes x 2 ranks: shared windows per node, the leaders over TCP.
+
+    tests/mpi_scripts/zero_check.py trains plain allreduce and every variant on the real
+    nodes. Replicas bitwise identical on all four ranks; every variant within the tolerance
+    of tests/test_strategies.py of plain allreduce (4 ranks: the summation orders differ);
+    --node-shm bitwise equal across its overlap modes (its order, ``(g0 + g1) + (g2 + g3)``,
+    is fixed by construction); each node's shared memory holds one copy, and the pieces of
+    Adam's state partition the parameters.
+    """
+    from test_strategies import ATOL, RTOL
+
+    out = tmp_path / "zero.npz"
+    before = nodes.counters("node1")
+    run = nodes.mpirun([PYTHON, REPO / "tests" / "mpi_scripts" / "zero_check.py", out, "mlp", 800, 1, "real-nodes"],
+                       ppn=2, timeout=270, env=mpi_env(), cwd=REPO)
+    sent = nodes.counters("node1")["tx_bytes"] - before["tx_bytes"]
+    assert run.returncode == 0, run.output
+    d = np.load(out)
+    full = 2 * int(d["n_params"]) * 4  # Adam's M and V, float32
+    names = [k[:-len("_host")] for k in d.files if k.endswith("_host")]
+    assert len(names) == 8, names
+    for name in names:
+        assert list(d[f"{name}_host"]) == ["node0", "node0", "node1", "node1"], (name, d[f"{name}_host"])
+        for rank in range(1, 4):
+            assert np.array_equal(d[name][rank], d[name][0]), f"{name}: rank {rank} differs from rank 0"
+        np.testing.assert_allclose(d[name][0], d["plain"][0], rtol=RTOL, atol=ATOL, err_msg=name)
+    for name in ("shm-nonblocking", "shmzero1-none", "shmzero1-nonblocking"):
+        assert np.array_equal(d[name][0], d["shm-none"][0]), name
+    shm = d["shm-none_optimizer_bytes"]
+    assert shm[0] + shm[1] == full == shm[2] + shm[3], shm  # one copy of the optimizer per node
+    for name in ("zero1-none", "shmzero1-none"):
+        assert d[f"{name}_optimizer_bytes"].sum() == full and d[f"{name}_optimizer_bytes"].max() <= 0.3 * full
+    # 8 runs x 8 steps, each moving at least the gradients once across the link
+    assert sent > 8 * int(d["n_params"]) * 4, sent
+    assert_nodes_empty(nodes)
+
+
 # ------------------------------------------------------------------------------- faults across nodes
 def _wait_training(nodes, out, proc, rank=2, timeout=90):
     """Until node1's rank has written a checkpoint: it is training."""

@@ -91,6 +91,34 @@ def test_a_failing_communication_thread_ends_the_job(tmp_path, rank):
     assert res.results is None
 
 
+@pytest.mark.parametrize("rank,overlap", [(1, "nonblocking"), (0, "nonblocking"), (1, "none")],
+                         ids=["rank1-nonblocking", "rank0-nonblocking", "rank1-none"])
+def test_a_rank_failing_inside_a_shared_window_ends_the_job(tmp_path, rank, overlap):
+    """--node-shm: a rank raises inside the window's epoch while the other waits in the node's barrier.
+
+    The job ends with that rank's message (MPI_Abort from the command line), within the
+    timeout, never a hang: the others are not left in the barrier, nor in a collective Win_free.
+    """
+    res = run_cli([*TINY, "--strategy", "allreduce", "--node-shm", "--overlap", overlap], 2, out=tmp_path / "run",
+                  env=fault_env(f"{rank}:shm-window"), timeout=30)
+    output = res.stdout + res.stderr
+    assert res.returncode != 0, output
+    assert output.count(f"error (rank {rank}, phase shm-window): ") == 1, output
+    assert "InjectedFault" in output and len(error_lines(res.stderr)) == 1 and "Traceback" not in output
+    assert res.results is None
+
+
+def test_a_rank_hanging_inside_a_shared_window_is_named_by_the_watchdog(tmp_path):
+    res = run_cli([*TINY, "--strategy", "allreduce", "--node-shm", "--stall-timeout", "3"], 2, out=tmp_path / "run",
+                  env=fault_env("1:shm-window:hang"), timeout=30)
+    assert res.returncode != 0, res.stderr
+    stall = error_lines(res.stderr, "stall: ranks")
+    # Rank 1 hangs on entering its step: the other has its gradients already (nonblocking: announced
+    # bucket by bucket during backprop), steps its half, and waits for rank 1's half of the parameters.
+    assert len(stall) == 1 and re.match(r"stall: ranks \[1\] on \S+ have not reached node-shm parameters",
+                                        stall[0]), res.stderr
+
+
 def test_a_crashing_rank_ends_the_job(tmp_path):
     """os._exit in a rank (a segfault, the OOM killer): mpirun ends the others and fails."""
     res = run_cli(TINY, 2, out=tmp_path / "run", env=fault_env("1:train:exit"), timeout=TIMEOUT)
@@ -373,6 +401,40 @@ def test_data_parallel_run_killed_mid_training_resumes_to_the_same_result(tmp_pa
     started = json.loads((out / "results.json").read_text())["resumed_from_epoch"]
     assert started[0] == started[1] > 0, started  # the same epoch on both ranks
     assert_same_run(out, tmp_path / "uninterrupted")
+
+
+@pytest.mark.parametrize("option", ["--shard-optimizer", "--node-shm"])
+def test_sharded_optimizer_killed_mid_training_resumes_to_the_same_result(tmp_path, start_job, option):
+    """Each rank saves its slice of Adam's state; killed and resumed, the run ends bit-identical.
+
+    Resuming at another world size, or without the option, is refused with one clear message.
+    """
+    args = [*CKPT, "--strategy", "allreduce", option]
+    reference = run_cli(args, 2, out=tmp_path / "uninterrupted", timeout=TIMEOUT)
+    assert reference.returncode == 0, reference.stderr
+    sizes = []
+    for rank in (0, 1):
+        saved = checkpoint.read(checkpoint.paths(tmp_path / "uninterrupted", rank)[0])
+        pieces = saved["adam_shard"]
+        sizes.append(int((pieces[:, 1] - pieces[:, 0]).sum()))
+        assert saved["adam_M"].size == saved["adam_V"].size == sizes[-1] < saved["params"].size
+    assert sum(sizes) == saved["params"].size  # the two slices are the whole optimizer
+
+    out = tmp_path / "run"
+    kill_after_first_checkpoint(start_job, args, out, every_rank=True)
+    res = run_cli([*args, "--resume", out], 2, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    started = json.loads((out / "results.json").read_text())["resumed_from_epoch"]
+    assert started[0] == started[1] > 0, started
+    assert_same_run(out, tmp_path / "uninterrupted")
+
+    before = (out / "results.json").read_bytes()
+    for np_, extra, message in ((3, args, r"written by a run with 2 workers, this run has 3"),
+                                (2, without(args, option), rf"{option} True \(checkpoint\) vs False \(now\)")):
+        refused = run_cli([*extra, "--resume", out], np_, timeout=TIMEOUT)
+        assert refused.returncode == 2, refused.stderr
+        assert len(error_lines(refused.stderr)) == 1 and re.search(message, refused.stderr), refused.stderr
+    assert (out / "results.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("change,message", [

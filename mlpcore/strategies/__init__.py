@@ -2,6 +2,8 @@
 
 - :mod:`~mlpcore.strategies.ensemble` - one model per shard, then a vote (the core).
 - :mod:`~mlpcore.strategies.data_parallel` - one model trained by every rank: allreduce, local SGD.
+- :mod:`~mlpcore.strategies.allreduce`, :mod:`~mlpcore.strategies.zero`, :mod:`~mlpcore.strategies.node_shm` -
+  allreduce's gradient sum: plain, ZeRO-1 (``--shard-optimizer``), node-local shared memory (``--node-shm``).
 - :mod:`~mlpcore.strategies.checkpoint` - checkpoints per rank and resuming.
 - :mod:`~mlpcore.strategies.outcome` - what a strategy hands back (:class:`Outcome`).
 
@@ -18,6 +20,8 @@ REGISTRY = {
     "ensemble": ensemble.run,
     "allreduce": data_parallel.run_allreduce,
     "localsgd": data_parallel.run_localsgd,
+    # --compare's rows for allreduce's --shard-optimizer and --node-shm (zero1, node-shm, shm+zero1)
+    **{name: data_parallel.run_variant(name) for name in data_parallel.VARIANTS},
 }
 
 #: Strategies that train one model with every rank (they resume from an epoch every rank saved).

@@ -13,6 +13,14 @@ the current ``rank{r}.npz`` becomes ``rank{r}.prev.npz`` and the temporary
 file becomes ``rank{r}.npz``. A kill at any moment leaves at least one
 complete checkpoint of each rank (after the first has been written).
 
+With a sharded optimizer (``--shard-optimizer``, ``--node-shm``) each rank
+holds Adam's moments for its own pieces of the parameters only, and saves
+those: ``adam_M`` and ``adam_V`` then hold the pieces one after the other and
+``adam_shard`` their ``[start, stop)`` ranges in the flat buffer. A resumed
+rank must step the same pieces (the world size, options and model are in the
+fingerprint and spec already; the ranges are checked too, as they also depend
+on how the ranks are spread over the nodes), else the resume is refused.
+
 ``--resume RUN_DIR`` reads every rank's checkpoints on the root (the run
 folder is shared by the ranks: they write their checkpoints into it) and
 picks each rank's starting epoch (:func:`choose_start`): the ensemble's
@@ -90,12 +98,14 @@ def write(run_dir, rank, *, epoch, losses, model, optimizer, rng, fingerprint, d
     latest, previous = paths(run_dir, rank)
     latest.parent.mkdir(parents=True, exist_ok=True)
     state = optimizer.state()
+    # A sharded optimizer: this rank's pieces of the moments, and where they lie.
+    sharded = {} if state.get("shard") is None else {"adam_shard": np.asarray(state["shard"], dtype=np.int64)}
     buf = io.BytesIO()
     np.savez(buf, format=np.int64(FORMAT), rank=np.int64(rank), epoch=np.int64(epoch),
              losses=np.asarray(losses, dtype=np.float64), params=model.params, data_sha256=np.str_(data_sha256),
              model_spec=np.str_(json.dumps(model.spec(), sort_keys=True)),
              adam_t=np.int64(state["t"]), adam_M=state["M"], adam_V=state["V"],
-             rng_state=np.str_(json.dumps(rng.bit_generator.state)), fingerprint=np.str_(fingerprint))
+             rng_state=np.str_(json.dumps(rng.bit_generator.state)), fingerprint=np.str_(fingerprint), **sharded)
     # The previous complete checkpoint stays (as .prev) until the new one is in place.
     atomic_write(latest, buf.getvalue(), keep_previous=previous)
 
@@ -236,6 +246,22 @@ def check_model(path, saved, current):
     raise UsageError(f"--resume: {path} holds another parameter layout than the model's")
 
 
+def check_shard(path, saved, current):
+    """Raise :class:`UsageError` unless a checkpoint's optimizer holds the pieces this rank now steps."""
+    if saved is None and current is None:
+        return
+    if saved is None or current is None:
+        held = "every parameter's" if saved is None else "a shard of the"
+        now = "a shard of them" if saved is None else "every parameter"
+        raise UsageError(f"--resume: {path} holds {held} optimizer state, this run steps {now}")
+    saved, current = np.asarray(saved).reshape(-1, 2), np.asarray(current).reshape(-1, 2)
+    if not np.array_equal(saved, current):
+        count = lambda r: int((r[:, 1] - r[:, 0]).sum())  # noqa: E731
+        raise UsageError(f"--resume: {path} holds the optimizer state of {len(saved)} pieces ({count(saved)} values) "
+                         f"of the parameters; this rank now steps {len(current)} pieces ({count(current)} values): "
+                         "resume with the same number of ranks, spread over the nodes as before")
+
+
 def _layer(spec):
     return spec["type"] + "".join(f" {k}={v}" for k, v in spec.items() if k != "type")
 
@@ -301,15 +327,28 @@ class RankCheckpoint:
     def __init__(self, plan, rank):
         self.plan, self.rank = plan, rank
 
-    def restore(self, model, optimizer, rng):
+    def restore(self, model, optimizer, rng, write_params=None):
         """Load this rank's chosen checkpoint into the objects; returns ``(start_epoch, losses)``.
 
         Call it after the model is built (its initialisation draws from
-        ``rng``; the restored state replaces all of that).
+        ``rng``; the restored state replaces all of that). ``write_params``:
+        called with the saved parameters instead of copying them into
+        ``model.params`` (``--node-shm``: one rank per node writes the node's
+        shared copy, then the node's ranks synchronise: the ranks of one model
+        all resume from the same epoch, so every one of them calls it, or none).
         """
+        epoch, losses, params = self._restore(model, optimizer, rng)
+        if write_params is not None:
+            if params is not None:
+                write_params(params)
+        elif params is not None:
+            model.params[...] = params
+        return epoch, losses
+
+    def _restore(self, model, optimizer, rng):
         epoch = self.plan.start_epochs[self.rank]
         if epoch == 0:
-            return 0, []
+            return 0, [], None
         found = available(self.plan.directory, self.rank, self.plan.fingerprint)
         if epoch not in found:
             raise UsageError(f"--resume: the checkpoint of rank {self.rank} at epoch {epoch} disappeared "
@@ -319,10 +358,11 @@ class RankCheckpoint:
         if ckpt["params"].shape != model.params.shape or ckpt["params"].dtype != model.params.dtype:
             raise UsageError(f"--resume: {found[epoch]} holds {ckpt['params'].shape} {ckpt['params'].dtype} "
                              f"parameters, the model has {model.params.shape} {model.params.dtype}")
-        model.params[...] = ckpt["params"]
-        optimizer.load_state({"t": int(ckpt["adam_t"]), "M": ckpt["adam_M"], "V": ckpt["adam_V"]})
+        check_shard(found[epoch], ckpt.get("adam_shard"), optimizer.state().get("shard"))
+        optimizer.load_state({"t": int(ckpt["adam_t"]), "M": ckpt["adam_M"], "V": ckpt["adam_V"],
+                              "shard": ckpt.get("adam_shard")})
         rng.bit_generator.state = json.loads(str(ckpt["rng_state"]))
-        return epoch, [float(v) for v in ckpt["losses"]]
+        return epoch, [float(v) for v in ckpt["losses"]], ckpt["params"]
 
     def saver(self, model, optimizer, rng, losses, then=None):
         """An ``on_epoch(epoch, loss)`` callback for :func:`mlpcore.nn.train.fit` that writes checkpoints.

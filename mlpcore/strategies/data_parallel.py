@@ -8,6 +8,12 @@
 * **localsgd** - every rank trains on its own shard with its own Adam and the
   parameters are averaged every K steps (K = 0: once, at the end).
 
+Two options of allreduce change how the gradients are combined and who steps
+Adam (same batches, same buckets): ``--shard-optimizer`` (ZeRO-1,
+:mod:`mlpcore.strategies.zero`) and ``--node-shm`` (node-local shared memory,
+:mod:`mlpcore.strategies.node_shm`). With ``--compare`` they are rows of their
+own (:data:`VARIANTS`).
+
 Every rank issues the same collectives in the same order: the bucket plan
 depends only on the model's shape and ``--bucket-kb``, which every rank
 shares (the options are checked to agree at start-up).
@@ -15,187 +21,18 @@ shares (the options are checked to agree at start-up).
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..data import N_CLASSES, shard_bounds, to_float
 from ..errors import UsageError
-from ..nn.fpenv import flush_denormals
 from ..nn.model import build_model
 from ..nn.optim import Adam
 from ..nn.train import LocalSync, fit
 from ..parallel.blas import blas_threads
-from ..parallel.launchers import require_thread_multiple
-from ..parallel.timing import PhaseTimer
+from .allreduce import TRACE_STEPS, AllreduceSync, CommStats, _no_watch  # noqa: F401 - re-exported
 from .outcome import Outcome
-
-#: Per-step compute/communication spans are kept for this many steps only, so
-#: that trace.json stays small while still showing the overlap.
-TRACE_STEPS = 30
-
-
-@dataclass
-class CommStats:
-    """What the communication cost during training, on one rank."""
-
-    calls: int = 0
-    bytes: int = 0
-    total_s: float = 0.0    # wall time the communication was in flight
-    exposed_s: float = 0.0  # time training waited for it
-    spans: list = field(default_factory=list)  # ("comm"/"comm_wait", start, end) for the first steps
-
-    def as_dict(self):
-        fraction = 1.0 - self.exposed_s / self.total_s if self.total_s > 0 else 0.0
-        return {"calls": self.calls, "bytes": self.bytes, "total_s": self.total_s,
-                "exposed_s": self.exposed_s, "fraction": max(0.0, fraction)}
-
-
-class AllreduceSync(LocalSync):
-    """Split each global batch across ranks and sum the gradients with (I)Allreduce.
-
-    Every rank draws the same permutation (same seed), so the global sample
-    order is that of a sequential run with the same batch size; rank ``r``
-    takes the ``r``-th part of each global batch.
-
-    Buckets: backprop hands over the gradient in blocks of rows (about
-    ``bucket_kb`` each; small layers are fused until a bucket is that big).
-    Each bucket is summed as soon as it is complete - while backprop computes
-    the next - and Adam updates its part of the parameters as soon as its sum
-    has arrived, while later buckets are still in flight. The buckets depend
-    only on the model's shape and ``bucket_kb``, so every rank issues the same
-    collectives in the same order, and every overlap mode sends the same
-    messages (hence the same sums, bit for bit).
-    """
-
-    def __init__(self, comm, model, n_samples, batch_size, rng, overlap="none", bucket_kb=256, watch=None):
-        super().__init__(n_samples, batch_size, rng)
-        if self.batch_size < comm.Get_size():
-            raise UsageError(f"--batch-size {batch_size} is smaller than the {comm.Get_size()} ranks: "
-                             "every rank needs at least one sample of each global batch")
-        from mpi4py import MPI
-
-        self.MPI, self.comm, self.model, self.overlap = MPI, comm, model, overlap
-        self.watch = watch or _no_watch
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.bucket_values = bucket_kb * 1024 // model.grads.itemsize  # 0: one bucket per layer
-        self.grad_chunk = self.bucket_values or None
-        self.stats = CommStats()
-        self.steps = 0
-        self._buckets = []      # (start, stop, request or None) posted this step, in order
-        self._posted = 0        # grads[:_posted] are in buckets already
-        self._posted_at = None  # when this step's first bucket went out
-        if overlap == "thread":
-            self._start_comm_thread()
-
-    # -- which rows this rank computes ------------------------------------------
-    def batches(self, epoch):
-        for rows, global_batch in super().batches(epoch):
-            part = shard_bounds(len(rows), self.size) if len(rows) >= self.size else \
-                np.minimum(np.arange(self.size + 1), len(rows))
-            yield rows[part[self.rank]:part[self.rank + 1]], global_batch
-
-    # -- communication during backprop -----------------------------------------
-    def on_grads_ready(self, ready):
-        if ready - self._posted >= self.bucket_values or ready == self.model.grads.size:
-            self._post(self._posted, ready)
-            self._posted = ready
-        elif self.overlap == "nonblocking" and self._buckets:
-            # MPICH and Open MPI progress a nonblocking collective only inside
-            # MPI calls: a Test between blocks moves it on while we compute.
-            self.MPI.Request.Testall([req for _, _, req in self._buckets])
-
-    def _post(self, start, stop):
-        if self._posted_at is None:
-            self._posted_at = time.perf_counter()
-        request = None
-        if self.overlap == "nonblocking":
-            request = self.comm.Iallreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-        elif self.overlap == "thread":
-            self._queue.put((start, stop))
-        self._buckets.append((start, stop, request))
-        self.stats.calls += 1
-        self.stats.bytes += (stop - start) * self.model.grads.itemsize
-
-    def step(self, optimizer, global_batch):
-        """Wait for each bucket's sum in turn and update its part of the parameters."""
-        optimizer.begin_step(global_batch)
-        self.watch("allreduce")  # --stall-timeout: name the ranks that never get here
-        waits = []
-        for start, stop, request in self._buckets:
-            wait_start = time.perf_counter()
-            if self.overlap == "none":
-                self.comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-            elif self.overlap == "nonblocking":
-                request.Wait()
-            else:
-                self._wait_for_thread_bucket()
-            waits.append((wait_start, time.perf_counter()))
-            optimizer.update(start, stop)
-        exposed = sum(end - begin for begin, end in waits)
-        posted_at = waits[0][0] if self.overlap == "none" else self._posted_at
-        # Blocking: the communication took exactly the time it was waited for.
-        # Overlapped: it was in flight from the first post to the last arrival.
-        self.stats.total_s += exposed if self.overlap == "none" else waits[-1][1] - posted_at
-        self.stats.exposed_s += exposed
-        if self.steps < TRACE_STEPS:
-            self.stats.spans.append(("comm", posted_at, waits[-1][1]))
-            self.stats.spans += [("comm_wait", begin, end) for begin, end in waits]
-        self._buckets, self._posted, self._posted_at = [], 0, None
-        self.steps += 1
-
-    # -- the communication thread (--overlap thread) -----------------------------
-    def _start_comm_thread(self):
-        require_thread_multiple(self.MPI, "--overlap thread")
-        # Its own communicator, so its Allreduces never match the main thread's collectives.
-        self._thread_comm = self.comm.Dup()
-        self._queue = queue.Queue()
-        self._bucket_done = threading.Semaphore(0)
-        self._thread_error = None
-        self._thread = threading.Thread(target=self._comm_loop, name="mlpcore-allreduce", daemon=True)
-        self._thread.start()
-
-    def _comm_loop(self):
-        # The test-only fault switch can fail this thread on entering "comm-thread".
-        timer = PhaseTimer(rank=self.rank)
-        try:
-            # MPI sums the buckets on this thread: flush denormals here too, as training
-            # does on the main thread, so that every overlap mode computes the same sums.
-            with timer.phase("comm-thread"), flush_denormals():
-                while (bucket := self._queue.get()) is not None:
-                    start, stop = bucket
-                    # mpi4py releases the GIL in here, so backprop goes on in the main thread.
-                    self._thread_comm.Allreduce(self.MPI.IN_PLACE, self.model.grads[start:stop])
-                    self._bucket_done.release()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
-            self._thread_error = exc
-            self._bucket_done.release()  # wake the main thread if it waits for a bucket
-
-    def _wait_for_thread_bucket(self):
-        """Block until the communication thread has summed the next bucket; raise what it raised."""
-        self._bucket_done.acquire()
-        if self._thread_error is not None:
-            # Raised on the main thread, the CLI ends the whole job with it (MPI_Abort):
-            # the other ranks may be blocked in the sum this thread will never finish.
-            raise self._thread_error
-
-    def end_epoch(self, loss_sum, n_seen):
-        self.watch("epoch loss")
-        total = self.comm.allreduce(np.array([loss_sum, n_seen]))  # tiny, once per epoch
-        return float(total[0] / total[1])
-
-    def resume_at(self, epoch):
-        """Continue after ``epoch`` checkpointed epochs (the step counter feeds only the trace)."""
-        self.steps = epoch * -(-self.n_samples // self.batch_size)
-
-    def finish(self):
-        if self.overlap == "thread":
-            self._queue.put(None)
-            self._thread.join()
-            self._thread_comm.Free()
 
 
 class LocalSGDSync(LocalSync):
@@ -214,7 +51,7 @@ class LocalSGDSync(LocalSync):
         self.watch = watch or _no_watch
         self.size = comm.Get_size()
         self.steps_per_epoch, self.sync_every = steps_per_epoch, sync_every
-        self.stats = CommStats()
+        self.stats = CommStats(sync="localsgd")
         self.steps = 0
         self._synced_at = 0
 
@@ -269,10 +106,6 @@ class LocalSGDSync(LocalSync):
             self.average()
 
 
-def _no_watch(name):
-    pass
-
-
 def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_params=None, watch=None,
                         checkpoint=None):
     """Train one model with all ranks of ``comm``; returns ``(model, losses, stats)``.
@@ -307,11 +140,11 @@ def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_par
         model.params[...] = initial_params
     watch("bcast params")
     comm.Bcast(model.params, root=0)  # identical replicas, whatever each rank's RNG did
-    optimizer = Adam(model, lr=config.lr, alpha=config.alpha)
     if strategy == "allreduce":
-        sync = AllreduceSync(comm, model, len(x), config.batch_size, rng, config.overlap, config.bucket_kb,
-                             watch)
+        sync = make_allreduce_sync(comm, model, x, config, rng, watch)
+        optimizer = sync.make_optimizer(lr=config.lr, alpha=config.alpha)
     else:
+        optimizer = Adam(model, lr=config.lr, alpha=config.alpha)
         # --batch-size is the global batch here too: each rank steps on its
         # share of it, so an epoch has as many steps as with allreduce.
         watch("shard sizes")
@@ -321,11 +154,13 @@ def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_par
         # Never more steps than the smallest shard has samples: no rank gets an empty batch.
         steps = min(-(-int(sizes.max()) // local_batch), int(sizes.min()))
         sync = LocalSGDSync(comm, model, len(x), local_batch, rng, steps, config.sync_every, watch)
+        sync.stats.optimizer_bytes = optimizer.nbytes
     start_epoch, done = 0, []
     if checkpoint is not None:
         # After the broadcast: a resumed rank's own saved state replaces it (for
         # allreduce every rank saved the same replica; for local SGD its own model).
-        start_epoch, done = checkpoint.restore(model, optimizer, rng)
+        # --node-shm: the node's one copy of the parameters is written once, by its leader.
+        start_epoch, done = checkpoint.restore(model, optimizer, rng, write_params=getattr(sync, "write_params", None))
         on_epoch = checkpoint.saver(model, optimizer, rng, done, then=on_epoch)
         sync.resume_at(start_epoch)
     losses = fit(model, optimizer, x, y, epochs=config.epochs, sync=sync, on_epoch=on_epoch,
@@ -333,9 +168,50 @@ def train_data_parallel(strategy, comm, x, y, config, on_epoch=None, initial_par
     return model, losses, sync.stats
 
 
+def make_allreduce_sync(comm, model, x, config, rng, watch):
+    """The sync of ``--strategy allreduce``: plain, ``--shard-optimizer`` (ZeRO-1) or ``--node-shm``."""
+    args = (comm, model, len(x), config.batch_size, rng, config.overlap, config.bucket_kb, watch)
+    if config.node_shm:
+        from .node_shm import NodeShmSync
+
+        return NodeShmSync(*args, n_features=x.shape[1], shard_optimizer=config.shard_optimizer)
+    if config.shard_optimizer:
+        from .zero import ZeroSync
+
+        return ZeroSync(*args, n_features=x.shape[1])
+    return AllreduceSync(*args)
+
+
+#: ``--compare`` rows of their own for the allreduce options: name -> (shard_optimizer, node_shm).
+VARIANTS = {"zero1": (True, False), "node-shm": (False, True), "shm+zero1": (True, True)}
+
+
+def compare_variants(config):
+    """The :data:`VARIANTS` rows ``--compare`` adds: those the options ask for (both: all three)."""
+    return tuple(name for name, (shard, shm) in VARIANTS.items()
+                 if (shard or shm) and (shard <= config.shard_optimizer) and (shm <= config.node_shm))
+
+
 def run_allreduce(config, launcher, data, timer, plan=None):
-    """allreduce: every rank a replica, each global batch split, the gradients summed every step."""
+    """allreduce: every rank a replica, each global batch split, the gradients summed every step.
+
+    With ``--compare`` this row is plain allreduce; the options' rows are :func:`run_variant`'s.
+    """
+    if config.compare:
+        config = config.replace(shard_optimizer=False, node_shm=False)
     return _run("allreduce", config, launcher, data, timer, plan)
+
+
+def run_variant(name):
+    """The ``--compare`` row ``name`` of :data:`VARIANTS`: allreduce with those options."""
+    shard, shm = VARIANTS[name]
+
+    def run(config, launcher, data, timer, plan=None):
+        return _run(name, config.replace(shard_optimizer=shard, node_shm=shm), launcher, data, timer, plan)
+
+    run.__name__ = run.__qualname__ = f"run_{name.replace('-', '_').replace('+', '_')}"
+    run.__doc__ = f"--compare row {name!r}: allreduce with --shard-optimizer {shard}, --node-shm {shm}."
+    return run
 
 
 def run_localsgd(config, launcher, data, timer, plan=None):
@@ -347,9 +223,10 @@ def _run(name, config, launcher, data, timer, plan):
     """Distribute the data, train one model with every rank, predict on the root (the :class:`Outcome`)."""
     if launcher.comm is None:
         raise UsageError(f"--strategy {name} needs MPI (mpirun)")
+    kind = "localsgd" if name == "localsgd" else "allreduce"
     root = launcher.is_root
     with timer.phase("scatter"):
-        if name == "allreduce":
+        if kind == "allreduce":
             x, y = launcher.bcast_train(data.x_train if root else None, data.y_train if root else None)
             comm_bytes = {"bcast_bytes": int(x.nbytes + y.nbytes) * (launcher.size - 1)}
         else:
@@ -358,7 +235,7 @@ def _run(name, config, launcher, data, timer, plan):
     with timer.phase("train"):
         train_start = time.perf_counter()
         model, losses, stats = train_data_parallel(
-            name, launcher.comm, x, y, config, watch=launcher.watch,
+            kind, launcher.comm, x, y, config, watch=launcher.watch,
             checkpoint=None if plan is None else plan.for_rank(launcher.rank))
         train_s = time.perf_counter() - train_start
     for span_name, start, end in stats.spans:  # a few steps' communication, for the timeline
@@ -375,7 +252,15 @@ def _run(name, config, launcher, data, timer, plan):
     overlap = {k: max(s[k] for s in comm_stats) for k in ("total_s", "exposed_s")}
     overlap.update(calls=comm_stats[0]["calls"], bytes=comm_stats[0]["bytes"],
                    fraction=min(s["fraction"] for s in comm_stats),
-                   mode=config.overlap if name == "allreduce" else f"sync every {config.sync_every}")
+                   mode=config.overlap if kind == "allreduce" else f"sync every {config.sync_every}",
+                   # How the gradients were combined, and what it cost each rank in memory and traffic.
+                   sync=comm_stats[0]["sync"],
+                   optimizer_bytes_per_rank=[s["optimizer_bytes"] for s in comm_stats],
+                   wire_bytes_per_rank=[s["wire_bytes"] for s in comm_stats],
+                   shm_bytes_per_rank=[s["shm_bytes"] for s in comm_stats],
+                   steps=comm_stats[0]["steps"],
+                   # Per rank, seconds of the training phase by part (the rest is forward and backward).
+                   breakdown_per_rank=[{"train_s": t, **s["breakdown"]} for t, s, _ in per_rank])
     return Outcome(
         strategy=name,
         y_pred=y_pred,
