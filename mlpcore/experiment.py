@@ -14,7 +14,7 @@ from . import strategies
 from .data import download_mnist, load_mnist, shard_bounds
 from .errors import MlpcoreError, UsageError
 from .fsio import default_run_dir, discard_run_dir, prepare_run_dir
-from .parallel.blas import blas_threads, pin_blas_threads
+from .parallel.blas import pin_blas_threads, pinned_threads
 from .parallel.launchers import make_launcher
 from .parallel.timing import PhaseTimer
 from .parallel.watchdog import watching
@@ -121,7 +121,7 @@ def _prepare_run_dir(config, workers):
 def _setup_error(config):
     """Prepare this process's trainer (:func:`mlpcore.strategies.ensemble.prepare_trainer`); the error, if any."""
     try:
-        prepare_trainer(config.trainer, config.kernels, np.dtype(config.dtype))
+        prepare_trainer(config.trainer, config.kernels, np.dtype(config.dtype), config.model)
     except MlpcoreError as exc:
         return exc
     except Exception as exc:  # e.g. numba failing to compile for this dtype: on one rank, so say it on all
@@ -178,7 +178,7 @@ def _baselines(launcher, data, config, timer, reporter=0):
     runs = []
     if launcher.is_root:
         job = MemberJob(config)
-        worker_threads = blas_threads()
+        worker_threads = pinned_threads()
         for requested in config.baseline_threads:
             threads = pin_blas_threads(launcher.cores if requested == "all" else requested)
             member_timer = PhaseTimer()

@@ -23,7 +23,7 @@ import numpy as np
 
 from .data import N_CLASSES
 from .nn import fpenv, kernels
-from .nn.model import build_model
+from .nn.model import THREADED_KERNEL_MODELS, build_model
 from .parallel.launchers import peak_rss_mb
 from .report.metrics import accuracy, efficiency, speedup
 
@@ -220,5 +220,9 @@ def environment(launcher, headline, config):
                 # and whether denormal floats were flushed to zero while training.
                 "kernels": "n/a (scikit-learn)" if config.trainer == "sklearn" else
                 kernels.describe(kernels.get_kernels(config.kernels)),
-                "denormals": fpenv.status()})
+                "denormals": fpenv.status(),
+                # Who used the workers' threads in training: BLAS, or (a CNN) the conv kernels, BLAS
+                # then on the calling thread (mlpcore.strategies.ensemble.prepare_trainer).
+                "threads_used_by": "n/a (scikit-learn)" if config.trainer == "sklearn" else
+                "conv kernels (BLAS on the calling thread)" if config.model in THREADED_KERNEL_MODELS else "BLAS"})
     return env

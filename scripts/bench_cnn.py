@@ -8,8 +8,9 @@ What it measures (full MNIST unless ``--train-limit``), in this order:
    (forward, weight gradient, input gradient; batch 200): the choice mlpcore made;
 3. mlpcore's LeNet-5 step, layer by layer (microseconds per step, best of many);
 4. one row per measured configuration (a function each, see ``CONFIGS``):
-   mlpcore LeNet-5 sequential at 1 and 2 threads (BLAS threads and the conv
-   kernels' threads, ``kernels.set_threads``) and PyTorch's CPU LeNet-5
+   mlpcore LeNet-5 sequential at 1 and 2 threads, as ``--threads`` gives them (the
+   conv kernels on the threads, BLAS on the calling thread; one more row with BLAS's
+   own pool on 2 threads too, to show why not) and PyTorch's CPU LeNet-5
    (same architecture, Glorot-uniform init, Adam with mlpcore's L2 scaling,
    batch 200) at the same thread counts when ``torch`` imports
    (``pip install -e .[bench]``). Each row: time per epoch (median of the epochs
@@ -46,6 +47,8 @@ from mlpcore.data import load_mnist  # noqa: E402
 from mlpcore.nn.kernels import describe, get_kernels  # noqa: E402
 from mlpcore.nn.model import build_model  # noqa: E402
 from mlpcore.nn.train import train_sequential  # noqa: E402
+from mlpcore.parallel.blas import pin_blas_threads  # noqa: E402
+from mlpcore.strategies.ensemble import prepare_trainer  # noqa: E402
 
 BATCH, LR, ALPHA = 200, 1e-3, 1e-4
 
@@ -167,8 +170,13 @@ def epoch_times(train_one_epoch, epochs):
 
 
 def mlpcore_sequential(data, threads, epochs, blas_threads=None):
-    """mlpcore's LeNet-5, sequential: the conv kernels on ``threads`` threads, BLAS on ``blas_threads``
-    (default the same); returns (epoch seconds, flops/sample, accuracy)."""
+    """mlpcore's LeNet-5, sequential, with ``threads`` threads as ``mpi_train.py --threads`` gives them.
+
+    That is: the conv kernels on ``threads`` threads and BLAS on the calling thread
+    (:func:`mlpcore.strategies.ensemble.prepare_trainer`). ``blas_threads`` overrides
+    BLAS's count, to show what sharing the cores with BLAS's own pool costs.
+    Returns (epoch seconds, flops/sample, accuracy).
+    """
     times, state = [], {}
 
     def on_epoch(epoch, loss):
@@ -176,16 +184,18 @@ def mlpcore_sequential(data, threads, epochs, blas_threads=None):
         times.append(now - state["t"])
         state["t"] = now
 
-    kernels = get_kernels("auto")
-    kernels.set_threads(threads)  # the conv kernels' threads (BLAS's are pinned by threadpool_limits)
-    with threadpool_limits(threads if blas_threads is None else blas_threads):
-        state["t"] = time.perf_counter()
-        model, _, _ = train_sequential(data.x_train, data.y_train, model="lenet5", hidden=(), epochs=epochs,
-                                       batch_size=BATCH, seed=0, lr=LR, alpha=ALPHA, on_epoch=on_epoch)
-        from mlpcore.data import to_float
+    pin_blas_threads(threads)
+    prepare_trainer("numpy", "auto", np.dtype(np.float32), "lenet5")
+    if blas_threads is not None:
+        pin_blas_threads(blas_threads)  # the kernels keep ``threads``
+    state["t"] = time.perf_counter()
+    model, _, _ = train_sequential(data.x_train, data.y_train, model="lenet5", hidden=(), epochs=epochs,
+                                   batch_size=BATCH, seed=0, lr=LR, alpha=ALPHA, on_epoch=on_epoch)
+    from mlpcore.data import to_float
 
-        accuracy = float((model.predict(to_float(data.x_test, model.dtype)) == data.y_test).mean())
-    kernels.set_threads(1)
+    accuracy = float((model.predict(to_float(data.x_test, model.dtype)) == data.y_test).mean())
+    get_kernels("auto").set_threads(1)
+    pin_blas_threads(1)
     return times, model.flops_per_sample(), accuracy
 
 
@@ -235,15 +245,15 @@ def torch_lenet(data, threads, epochs):
     return times, None, accuracy
 
 
-def mlpcore_sequential_blas1(data, threads, epochs):
-    """As :func:`mlpcore_sequential` with BLAS on one thread (only the conv kernels threaded)."""
-    return mlpcore_sequential(data, threads, epochs, blas_threads=1)
+def mlpcore_sequential_both_pools(data, threads, epochs):
+    """As :func:`mlpcore_sequential` with BLAS's own pool on ``threads`` threads too (not what mlpcore does)."""
+    return mlpcore_sequential(data, threads, epochs, blas_threads=threads)
 
 
 #: One row each: (label, function, threads, peer). The lead adds the strategy rows here.
 CONFIGS = [("mlpcore LeNet-5 sequential", mlpcore_sequential, 1, "mlpcore"),
            ("mlpcore LeNet-5 sequential", mlpcore_sequential, 2, "mlpcore"),
-           ("mlpcore LeNet-5, BLAS 1 thread", mlpcore_sequential_blas1, 2, "mlpcore"),
+           ("mlpcore, BLAS pool too", mlpcore_sequential_both_pools, 2, "mlpcore"),
            ("PyTorch LeNet-5 (CPU)", torch_lenet, 1, "torch"),
            ("PyTorch LeNet-5 (CPU)", torch_lenet, 2, "torch")]
 

@@ -4,13 +4,15 @@ Every command runs with a timeout (see conftest.run_cli), so a hang fails one te
 Runs are small (4000 training / 1000 test images, 2 epochs) to keep the file fast.
 """
 
+import json
 import os
+import subprocess
 import re
 
 import numpy as np
 import pytest
 
-from conftest import PYTHON, SMALL, mpirun_path, run_command, MPI_TRAIN
+from conftest import MPI_TRAIN, PYTHON, REPO, SMALL, mpirun_path, run_command
 from mlpcore.cli import build_parser
 
 pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not on PATH (pip install -e .[mpi])")
@@ -209,3 +211,36 @@ def test_sklearn_trainer_runs_with_the_pinned_threads(cli):
     assert env["threads_per_worker"] == [1, 1]
     assert len(env["blas"]) >= 2 and all(pool["num_threads"] == 1 for pool in env["blas"]), env["blas"]
     assert results["config"]["dtype"] == "float64"  # the reference program's default
+
+
+def test_a_cnn_worker_gives_its_threads_to_the_conv_kernels(tmp_path):
+    """--model lenet5 --threads 2: the conv kernels split over 2 threads and BLAS runs on the calling one.
+
+    OpenBLAS's idle workers spin after each call on the cores the kernels' threads need.
+    In a process of its own (the pins are process-wide): the worker's state after
+    prepare_trainer, then a whole run on the in-process serial launcher and its record.
+    """
+    script = f"""
+import json, numpy as np
+from mlpcore.config import RunConfig
+from mlpcore.experiment import Experiment
+from mlpcore.nn.kernels import get_kernels
+from mlpcore.parallel.blas import blas_threads, pin_blas_threads, pinned_threads
+from mlpcore.strategies.ensemble import prepare_trainer
+facts = {{}}
+pin_blas_threads(2)
+prepare_trainer("numpy", "auto", np.dtype(np.float32), "lenet5")
+facts["lenet5"] = [get_kernels("auto").threads, blas_threads(), pinned_threads()]
+prepare_trainer("numpy", "auto", np.dtype(np.float32), "mlp")  # the MLP: BLAS takes them back
+facts["mlp"] = [get_kernels("auto").threads, blas_threads(), pinned_threads()]
+config = RunConfig(model="lenet5", launcher="serial", jobs=1, threads=2, train_limit=400, test_limit=100,
+                   epochs=1, no_baseline=True, no_plots=True, quiet=True, out={str(tmp_path / "run")!r})
+env = Experiment(config).run()["environment"]
+facts["run"] = [env["threads_per_worker"], env["threads_used_by"]]
+print(json.dumps(facts))
+"""
+    res = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    facts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert facts["lenet5"] == [2, 1, 2] and facts["mlp"] == [2, 2, 2], facts
+    assert facts["run"][0] == [2] and facts["run"][1].startswith("conv kernels"), facts

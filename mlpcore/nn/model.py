@@ -30,6 +30,8 @@ from .layers import Dense, ReLU
 
 #: The models :func:`build_model` knows.
 MODELS = ("mlp", "lenet5")
+#: The models whose layers run mlpcore's own threaded kernels (the convolutions), not only BLAS.
+THREADED_KERNEL_MODELS = frozenset({"lenet5"})
 
 #: Rows :meth:`Sequential.predict_proba` pushes through at once, by model: small enough that
 #: the per-chunk workspaces stay small (LeNet-5's first conv output is 28*28*6 floats a row).

@@ -41,6 +41,29 @@ _blas_limiter = None
 _pinned_threads = None
 
 
+def pinned_threads():
+    """The threads this worker was given (the last :func:`pin_blas_threads`), else its BLAS pools' count.
+
+    What a worker computes on, and what results.json records as its ``threads``,
+    even where BLAS itself runs on the calling thread (:func:`blas_on_calling_thread`).
+    """
+    return _pinned_threads if _pinned_threads is not None else blas_threads()
+
+
+def blas_on_calling_thread():
+    """Run BLAS on one thread, keeping the worker's pin: mlpcore's own kernels take its threads.
+
+    OpenBLAS's idle workers spin for about 0.1 s after each call (its
+    ``THREAD_TIMEOUT``), on the very cores the convolution kernels' threads
+    need. Measured on 2 cores, LeNet-5 at 2 threads: 5.2 s an epoch with both
+    pools, 4.1 s with BLAS on one thread (``scripts/bench_cnn.py``).
+    """
+    from threadpoolctl import threadpool_limits
+
+    global _blas_limiter
+    _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+
+
 def blas_threads(info=None):
     """The largest thread count among this process's BLAS pools (1 if none is loaded)."""
     if info is None:

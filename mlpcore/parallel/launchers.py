@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data import shard_bounds
 from ..errors import MlpcoreError, UsageError
-from .blas import affinity, blas_threads, pin_blas_threads, visible_cores
+from .blas import affinity, pin_blas_threads, pinned_threads, visible_cores
 from .timing import PhaseTimer
 
 # Seconds between printing a fatal error and MPI_Abort, so that mpirun forwards the message.
@@ -383,7 +383,7 @@ class MPILauncher(Launcher):
             x_test = self.bcast_array(x_test, test_shape, np.uint8)
 
         out = member(self.rank, x_shard, y_shard, x_test, settings, timer)
-        out.threads = blas_threads()
+        out.threads = pinned_threads()
 
         with timer.phase("wait"):
             self.watch("gather")  # the stall watchdog times this wait: every member should finish

@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..nn.model import build_model
 from ..nn.optim import Adam
 from ..nn.train import LocalSync, fit
-from ..parallel.blas import blas_threads
+from ..parallel.blas import pinned_threads
 from .allreduce import TRACE_STEPS, AllreduceSync, CommStats, _no_watch  # noqa: F401 - re-exported
 from .outcome import Outcome
 
@@ -243,7 +243,7 @@ def _run(name, config, launcher, data, timer, plan):
 
     with timer.phase("gather"):
         launcher.watch("gather")
-        per_rank = launcher.comm.gather((train_s, stats.as_dict(), blas_threads()), root=0)
+        per_rank = launcher.comm.gather((train_s, stats.as_dict(), pinned_threads()), root=0)
     if not root:
         return None
     with timer.phase("predict"):

@@ -18,8 +18,9 @@ import numpy as np
 
 from ..data import N_CLASSES, to_float
 from ..nn.kernels import get_kernels
+from ..nn.model import THREADED_KERNEL_MODELS
 from ..nn.train import train_sequential
-from ..parallel.blas import blas_threads, repin_blas_threads
+from ..parallel.blas import blas_on_calling_thread, pinned_threads, repin_blas_threads
 from ..parallel.launchers import WorkerOutput
 from .outcome import Outcome
 
@@ -80,13 +81,15 @@ def hard_vote(probs):
     return np.where(is_top, summed, -np.inf).argmax(axis=1)
 
 
-def prepare_trainer(trainer, kernels, dtype):
+def prepare_trainer(trainer, kernels, dtype, model="mlp"):
     """Import and compile what training needs, so that none of it is timed as training.
 
     ``numpy``: numba's kernels are loaded from its cache (or compiled, the
     first time); ``sklearn``: scikit-learn is imported. Both bring scipy, whose
     own OpenBLAS arrives after this worker's BLAS threads were pinned, so the
-    pin is applied again.
+    pin is applied again. The worker's threads go to BLAS, except for a model
+    with threaded kernels (a CNN): those take them, and BLAS runs on the
+    calling thread (:func:`mlpcore.parallel.blas.blas_on_calling_thread`).
     """
     if trainer == "sklearn":
         import sklearn.neural_network  # noqa: F401
@@ -94,8 +97,10 @@ def prepare_trainer(trainer, kernels, dtype):
         get_kernels(kernels).warm_up(dtype)
     repin_blas_threads()
     if trainer != "sklearn":
-        # The convolution kernels split their loops over as many threads as BLAS may use here.
-        get_kernels(kernels).set_threads(blas_threads())
+        threads = pinned_threads()
+        get_kernels(kernels).set_threads(threads)
+        if threads > 1 and model in THREADED_KERNEL_MODELS:
+            blas_on_calling_thread()
 
 
 def train_member(rank, x, y, x_test, job, timer):
@@ -108,7 +113,7 @@ def train_member(rank, x, y, x_test, job, timer):
     dtype = np.dtype(config.dtype)
     seed = config.seed + rank
     with timer.phase("setup"):  # instant where the experiment has done it already (MPI ranks)
-        prepare_trainer(config.trainer, config.kernels, dtype)
+        prepare_trainer(config.trainer, config.kernels, dtype, config.model)
     bar = _epoch_bar(config) if rank == 0 and config.trainer != "sklearn" else None
     start = timer.now()
     with timer.phase("train"):
