@@ -77,10 +77,59 @@ def atomic_path(path, keep_previous=None):
 
 
 def atomic_write(path, data, keep_previous=None):
-    """Write ``data`` (str or bytes) to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path, keep_previous) as tmp:
-        with open(tmp, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w") as f:
-            f.write(data)
+    """Write ``data`` (str or bytes) to ``path`` atomically (see :func:`atomic_path`).
+
+    Where the file system can (Linux's ``O_TMPFILE``), the data is written into a
+    file with no name, fsynced, and only then linked beside ``path`` and renamed
+    over it: a writer SIGKILLed while writing (``mpirun`` ends the ranks of a failed
+    job that way) leaves nothing, not even a temporary file. Elsewhere, as
+    :func:`atomic_path`.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else bytes(data)
+    fd = _unnamed_file(path.parent)
+    if fd is None:
+        with atomic_path(path, keep_previous) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        # A name for a moment (link, rename: no I/O between them), then the target's.
+        tmp = path.parent / f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}{path.suffix}.tmp"
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: a dir fd makes Python call linkat, not link
+            os.link(f"/proc/self/fd/{fd}", tmp.name, dst_dir_fd=folder, follow_symlinks=True)
+        finally:
+            os.close(folder)
+        try:
+            if keep_previous is not None and path.exists():
+                os.replace(path, keep_previous)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
+def _unnamed_file(folder):
+    """A file descriptor of a new unnamed file in ``folder`` (``O_TMPFILE``), or None where unsupported."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.exists("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, flag | os.O_WRONLY, 0o600)
+    except OSError:  # EOPNOTSUPP, EISDIR (kernel or file system without it), ...
+        if not os.path.isdir(folder):
+            raise
+        return None
 
 
 def atomic_savefig(fig, path, **kwargs):

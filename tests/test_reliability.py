@@ -527,20 +527,33 @@ def test_checkpoint_files_rotate_and_survive_a_torn_latest(tmp_path):
 
 
 # -- 5. no lost or torn output ------------------------------------------------------------------
-def test_a_killed_write_leaves_the_old_file(tmp_path):
-    """SIGKILL while atomic_write writes a large file: the old file is intact, no partial one."""
+def test_a_killed_write_leaves_the_old_file_and_nothing_else(tmp_path):
+    """SIGKILL while atomic_write writes a large file: the old file is intact, and nothing else is left.
+
+    The data goes into an unnamed file (O_TMPFILE) that gets a name only once complete: the
+    writer is caught while it holds a file open in the folder, and killed there.
+    """
     target = tmp_path / "results.json"
     target.write_text(json.dumps({"old": True}))
     code = ("import sys; from mlpcore.fsio import atomic_write; "
             "atomic_write(sys.argv[1], '[' + '1,' * 50_000_000 + '1]')")
     proc = subprocess.Popen([PYTHON, "-c", code, str(target)], env=cli_env())
+
+    def writing():
+        try:
+            links = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        except OSError:  # an fd closed while we looked
+            return False
+        return any(link.startswith(str(tmp_path)) for link in links)
+
     deadline = time.monotonic() + TIMEOUT
-    while not list(tmp_path.glob(".results.*")):  # the temporary file exists: it is writing
+    while not writing():
         assert proc.poll() is None and time.monotonic() < deadline, "the write ended before the kill"
-        time.sleep(0.005)
+        time.sleep(0.002)
     proc.kill()
     proc.wait(timeout=10)
     assert json.loads(target.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_a_killed_overwrite_run_keeps_the_previous_results(tmp_path, start_job):
