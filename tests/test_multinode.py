@@ -108,8 +108,9 @@ def test_cli_run_tears_down_on_a_signal(sig):
     if nc.read_state():
         skip_or_fail(f"another emulated cluster is up: {nc.read_state()}")
     hosts_before = Path("/etc/hosts").read_text()
+    command = ["sleep", f"{300 + os.getpid() % 997 / 1000:.3f}"]  # a command line no other process has
     proc = __import__("subprocess").Popen(
-        [sys.executable, REPO / "scripts" / "netns_cluster.py", "run", "--nodes", "2", "--", "sleep", "300"])
+        [sys.executable, REPO / "scripts" / "netns_cluster.py", "run", "--nodes", "2", "--", *command])
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(nc.our_netns_names()) < 2:
@@ -126,7 +127,7 @@ def test_cli_run_tears_down_on_a_signal(sig):
     assert nc.leftovers() == [], nc.leftovers()
     assert Path("/etc/hosts").read_text() == hosts_before
     assert not [d for d in os.listdir("/proc") if d.isdigit() and nc._alive(int(d))
-                and nc._cmdline(int(d)) == "sleep 300"], "the command outlived the cluster"
+                and nc._cmdline(int(d)) == " ".join(command)], "the command outlived the cluster"
 
 
 # ------------------------------------------------------------------------------- the nodes
