@@ -85,6 +85,7 @@ class LocalSGDSync(LocalSync):
         end = time.perf_counter()
         self.stats.calls += 1
         self.stats.bytes += self.model.params.nbytes
+        self.stats.wire_bytes += 2 * self.model.params.nbytes * (self.size - 1) // self.size
         self.stats.total_s += end - begin
         self.stats.exposed_s += end - begin
         if len(self.stats.spans) < 2 * TRACE_STEPS:
