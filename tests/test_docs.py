@@ -49,7 +49,8 @@ def test_the_docs_exist_and_the_readme_is_a_front_door():
     for name in ("strategies", "performance", "scaling", "cluster", "failures"):
         assert (REPO / "docs" / f"{name}.md").is_file(), name
     readme = (REPO / "README.md").read_text()
-    assert len(readme.splitlines()) <= 260, "README.md should stay a front door (about 250 lines)"
+    # About 300 lines: the front door, with the CNN and the cluster sections the issues asked for.
+    assert len(readme.splitlines()) <= 330, "README.md should stay a front door (about 300 lines)"
     assert "**In Jupyter.**" in readme and "mlpcore.run(" in readme and "mlpcore.load_results(" in readme
 
 
