@@ -27,8 +27,10 @@ least squares over all the measurements at once (each row weighted by 1/t, so th
 minimises relative errors and small messages count as much as large ones); the JSON keeps
 every measurement, the fitted value of each and its relative residual, and the RMS
 relative residual. Message sizes: 8 B to 16 MiB by factors of 4 (``--sizes`` to change).
-Times are the minimum over ``--trials`` batches of the mean over a batch, a guard against
-a busy machine; on a shared 2-core box treat the numbers as indicative.
+Each operation is timed on its own; ``seconds`` is the median over ``--trials`` batches
+(the slowest rank's, for the allreduce), ``min_seconds`` the fastest. The fit uses the
+median: what a training step typically pays (the minimum of batch means, used before,
+favours the luckiest batch). On a shared 2-core box treat them as indicative.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from mlpcore.study.projection import fit_alpha_beta_gamma  # noqa: E402
 DEFAULT_SIZES = [8 * 4**k for k in range(12)]   # 8 B .. 32 MiB; trimmed to <= 16 MiB below
 DEFAULT_SIZES = [n for n in DEFAULT_SIZES if n <= 16 * 2**20] + [16 * 2**20]
 DEFAULT_SIZES = sorted(set(DEFAULT_SIZES))
@@ -55,6 +60,7 @@ def reps_for(n):
 
 # --------------------------------------------------------------------------- measuring (under MPI)
 def measure(comm, sizes, trials):
+    """Per size: the median one-way p2p time and the median allreduce time (the slowest rank's), and their minima."""
     from mpi4py import MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -65,56 +71,43 @@ def measure(comm, sizes, trials):
         b = np.empty_like(a)
         reps = reps_for(n)
         # point-to-point ping-pong between ranks 0 and 1 (one-way time = round trip / 2)
-        best = math.inf
+        times = []
         for trial in range(trials + 1):                  # trial 0 warms up
             comm.Barrier()
-            t0 = MPI.Wtime()
             for _ in range(reps):
+                t0 = MPI.Wtime()
                 if rank == 0:
                     comm.Send(a, dest=1, tag=7)
                     comm.Recv(b, source=1, tag=7)
                 elif rank == 1:
                     comm.Recv(b, source=0, tag=7)
                     comm.Send(a, dest=0, tag=7)
-            t = (MPI.Wtime() - t0) / (2 * reps)
-            if trial:
-                best = min(best, t)
-        best = comm.bcast(best, root=0)
-        rows.append({"op": "p2p", "bytes": count * 4, "seconds": best, "reps": reps})
-        best = math.inf
+                if trial:
+                    times.append((MPI.Wtime() - t0) / 2)
+        med, low = comm.bcast((float(np.median(times)), float(np.min(times))) if times else (0.0, 0.0), root=0)
+        rows.append({"op": "p2p", "bytes": count * 4, "seconds": med, "min_seconds": low, "reps": reps * trials})
+        times = []
         for trial in range(trials + 1):
             comm.Barrier()
-            t0 = MPI.Wtime()
             for _ in range(reps):
+                t0 = MPI.Wtime()
                 comm.Allreduce(a, b, op=MPI.SUM)
-            t = comm.allreduce((MPI.Wtime() - t0) / reps, op=MPI.MAX)
-            if trial:
-                best = min(best, t)
-        rows.append({"op": "allreduce", "bytes": count * 4, "seconds": best, "reps": reps, "ranks": size})
+                if trial:
+                    times.append(MPI.Wtime() - t0)
+        med = comm.allreduce(float(np.median(times)), op=MPI.MAX)
+        low = comm.allreduce(float(np.min(times)), op=MPI.MAX)
+        rows.append({"op": "allreduce", "bytes": count * 4, "seconds": med, "min_seconds": low,
+                     "reps": reps * trials, "ranks": size})
     return rows
 
 
 def fit(rows, p):
     """Weighted least squares for (alpha, beta, gamma); returns the fit dict (rows get fitted/residual)."""
-    lg = math.log2(p) if p > 1 else 0.0
-    A, y = [], []
-    for r in rows:
-        n = r["bytes"]
-        if r["op"] == "p2p":
-            A.append([1.0, n, 0.0])
-        else:
-            A.append([2 * lg, 2 * (p - 1) / p * n, (p - 1) / p * n])
-        y.append(r["seconds"])
-    A, y = np.array(A), np.array(y)
-    w = 1.0 / y                                           # relative errors
-    coef, *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
-    fitted = A @ coef
-    rel = (fitted - y) / y
-    for r, f, e in zip(rows, fitted, rel):
-        r["fitted_seconds"] = float(f)
+    alpha, beta, gamma, rel = fit_alpha_beta_gamma(rows, p)
+    for r, e in zip(rows, rel):
+        r["fitted_seconds"] = float(r["seconds"] * (1 + e))
         r["relative_residual"] = float(e)
         r["bandwidth_MBps"] = r["bytes"] / r["seconds"] / 1e6
-    alpha, beta, gamma = (float(c) for c in coef)
     return {"alpha_s": alpha, "beta_s_per_byte": beta, "gamma_s_per_byte": gamma,
             "bandwidth_GBps": (1 / beta / 1e9) if beta > 0 else None,
             "rms_relative_residual": float(np.sqrt(np.mean(rel ** 2))),

@@ -14,6 +14,8 @@ Modules, one concern each (importing this package imports none of them):
   :func:`~mlpcore.study.report.replot` (figures and report from a CSV).
 - :mod:`mlpcore.study.cli` - the command line (``scripts/scaling.py``,
   ``mlpcore-scaling``).
+- :mod:`mlpcore.study.projection` - the alpha-beta-gamma projection of a measured run
+  onto a cluster of N ranks; :mod:`mlpcore.study.project_cli` is ``scripts/project.py``.
 
 Figures and report read nothing but the table's rows, so ``--from scaling.csv``
 redraws exactly what a sweep drew.

@@ -242,3 +242,41 @@ def make_figures(rows, out_dir, table_dir=None, dpi=90):
              plot_breakdown(plt, out_dir / FIGURES[3], rows, dpi),
              plot_timeline(plt, out_dir / FIGURES[4], rows, table_dir or out_dir, dpi)]
     return [n for n in names if n]
+
+
+def plot_projection(path, rows, measured=(), title="", dpi=90):
+    """Projected speed-up against ranks, a line per strategy (log-log), measured points overlaid.
+
+    ``rows``: :func:`mlpcore.study.projection.projection_rows` rows (one
+    scaling); ``measured``: ``{"strategy", "ranks", "speedup"}`` points of real runs.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    labels = list(dict.fromkeys(r["strategy"] for r in rows))
+    colors = {label: _color(i) for i, label in enumerate(labels)}
+    for label in labels:
+        pts = [(r["ranks"], r["speedup"]) for r in rows if r["strategy"] == label and r["speedup"]]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, "-", marker=".", color=colors[label], lw=1.5, label=f"{label} (projected)")
+    for m in measured:
+        ax.plot(m["ranks"], m["speedup"], "o", markerfacecolor="white", ms=8, mew=1.5,
+                markeredgecolor=colors.get(m["strategy"], "black"))
+    if measured:
+        from matplotlib.lines import Line2D
+
+        handles, names = ax.get_legend_handles_labels()
+        handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black"))
+        names.append("measured (this machine)")
+        ax.legend(handles, names, fontsize=8)
+    else:
+        ax.legend(fontsize=8)
+    ranks = sorted({r["ranks"] for r in rows})
+    ax.plot(ranks, ranks, ":", color="grey", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("MPI ranks (N)")
+    ax.set_ylabel("speed-up over the sequential run")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    return _save(plt, fig, path, dpi)
