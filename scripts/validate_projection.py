@@ -66,6 +66,8 @@ def train_args(args, extra, out, baseline=True):
         cmd += ["--train-limit", str(args.train_limit)]
     if args.model != "mlp":
         cmd += ["--model", args.model]
+    if args.bucket_kb is not None and "allreduce" in extra:
+        cmd += ["--bucket-kb", str(args.bucket_kb)]
     if not baseline:
         cmd.append("--no-baseline")
     return cmd
@@ -93,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--train-limit", type=int, default=0, help="training samples (default: all 60,000)")
     ap.add_argument("--model", default="mlp", choices=("mlp", "lenet5"))
+    ap.add_argument("--bucket-kb", type=int, default=None, help="passed to every allreduce run (default: its own)")
     ap.add_argument("--tolerance", type=float, default=0.15, help="label rows within this relative error")
     ap.add_argument("--no-one-node", action="store_true", help="skip the 1, 2, 4 ranks on one node")
     ap.add_argument("--reproject", action="store_true",

@@ -273,8 +273,12 @@ def plot_projection(path, rows, measured=(), title="", dpi=90):
         ax.legend(fontsize=8)
     ranks = sorted({r["ranks"] for r in rows})
     ax.plot(ranks, ranks, ":", color="grey", lw=1)
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("MPI ranks (N)")
     ax.set_ylabel("speed-up over the sequential run")
     ax.set_title(title, fontsize=10)
