@@ -12,6 +12,7 @@ Two ways to run it:
 * **On this machine, emulated** (root; scripts/netns_cluster.py)::
 
       python scripts/netbench.py --emulate --out netbench.json
+      python scripts/netbench.py --emulate --shape 1gbit --out netbench-1gbit.json   # tc tbf
 
   runs it twice: ``shm`` (one emulated node, 2 ranks: MPICH's shared memory) and ``tcp``
   (2 emulated nodes x 1 rank: UCX over TCP through the veths and the bridge), and writes
@@ -164,6 +165,10 @@ def emulate_main(args):
           "--sizes", ",".join(map(str, args.sizes))]
     links = {}
     with nc.EmulatedCluster(nodes=2) as cluster:
+        for host in cluster.hosts if args.shape else ():
+            refused = cluster.shape(host, args.shape)
+            if refused:
+                sys.exit(f"netbench: tc refused to shape {host}'s link to {args.shape}: {refused}")
         plans = [("shm", ["node0"], 2), ("tcp", ["node0", "node1"], 1)]
         for link, hosts, ppn in plans:
             out = Path(args.out or "netbench.json").with_suffix(f".{link}.part.json")
@@ -172,7 +177,10 @@ def emulate_main(args):
             if run.returncode != 0 or not out.exists():
                 sys.stderr.write(run.output)
                 sys.exit(f"netbench: the {link} run failed ({run.returncode})")
-            links.update(json.loads(out.read_text())["links"])
+            part = json.loads(out.read_text())["links"]
+            if args.shape and link == "tcp":
+                part["tcp"]["shaped"] = f"tbf rate {args.shape} on both veths"
+            links.update(part)
             out.unlink()
     text = json.dumps({"links": links, "machine": {"cores": os.cpu_count(), "emulated": True}}, indent=1)
     if args.out:
@@ -194,6 +202,7 @@ def main(argv=None):
                     help="message sizes in bytes, comma-separated (default 8 B .. 16 MiB)")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=300, help="--emulate: seconds per run")
+    ap.add_argument("--shape", metavar="RATE", help="--emulate: shape the TCP link with tc tbf (e.g. 1gbit)")
     ap.add_argument("--python", help="--emulate: interpreter for the ranks (default: this one)")
     args = ap.parse_args(argv)
     return emulate_main(args) if args.emulate else rank_main(args)

@@ -340,8 +340,15 @@ class EmulatedCluster:
         return {"rx_bytes": read("tx_bytes"), "tx_bytes": read("rx_bytes"),
                 "rx_packets": read("tx_packets"), "tx_packets": read("rx_packets")}
 
-    def shape(self, host, rate="1gbit", delay=None):
-        """Try to shape the node's link (tbf for rate, netem for delay). Returns None or the kernel's refusal."""
+    def shape(self, host, rate="1gbit", delay=None, burst="32kb"):
+        """Try to shape the node's link (tbf for rate, netem for delay). Returns None or the kernel's refusal.
+
+        The root end of the node's veth is shaped: what the bridge sends *to* the node, so
+        shaping every node shapes both directions. ``burst`` stays well below a gradient
+        bucket: with a larger one, a training step's exchange after an idle gap would pass
+        at the veth's own speed (32 KB: the 1 Gbit/s rate held from 128 KB to 2 MB, with or
+        without compute between the allreduces).
+        """
         tc = _which("tc")
         if tc is None:
             return "no tc binary"
@@ -350,7 +357,7 @@ class EmulatedCluster:
                      "rate", rate, check=False)
         else:
             p = _run(tc, "qdisc", "replace", "dev", self.veth(host), "root", "tbf", "rate", rate,
-                     "burst", "256kb", "latency", "50ms", check=False)
+                     "burst", burst, "latency", "50ms", check=False)
         return None if p.returncode == 0 else p.stderr.strip()
 
     # -- MPI --------------------------------------------------------------------------------

@@ -58,6 +58,17 @@ from .allreduce import TRACE_STEPS, AllreduceSync
 ALIGN_BYTES = 64
 
 
+def handovers(model, bucket_values, n_features):
+    """Every count of final gradient values backprop hands over, in order (``model.backward``'s yields).
+
+    They depend on the layers and ``chunk`` only, not on the batch, so one dry
+    forward and backward pass of a single zero sample finds them. The model's
+    gradient buffer is overwritten; its parameters are not touched.
+    """
+    model.forward(np.zeros((1, n_features), dtype=model.dtype))
+    return list(model.backward(np.zeros(1, dtype=np.intp), 1.0, chunk=bucket_values or None))
+
+
 def bucket_bounds(model, bucket_values, n_features):
     """``[(start, stop), ...]``: the buckets :class:`AllreduceSync` posts for this model and bucket size.
 
@@ -69,9 +80,8 @@ def bucket_bounds(model, bucket_values, n_features):
     The model's gradient buffer is overwritten; its parameters are not touched.
     """
     n = model.grads.size
-    model.forward(np.zeros((1, n_features), dtype=model.dtype))
     bounds, posted = [], 0
-    for ready in model.backward(np.zeros(1, dtype=np.intp), 1.0, chunk=bucket_values or None):
+    for ready in handovers(model, bucket_values, n_features):
         if ready - posted >= bucket_values or ready == n:
             bounds.append((posted, ready))
             posted = ready

@@ -125,8 +125,8 @@ def main(argv=None, prog=None):
         from .figures import plot_projection
 
         plot_projection(Path(args.figure), [r for r in rows if r["scaling"] == scalings[0]], measured,
-                        title=f"projected onto {cluster.name} ({cluster.ranks_per_node} rank(s) per node, "
-                              f"{scalings[0]} scaling)")
+                        title=f"{', '.join(sorted({p.model for p in profiles}))}, projected onto {cluster.name} "
+                              f"({cluster.ranks_per_node} rank(s) per node, {scalings[0]} scaling)")
         print(f"wrote {args.figure}")
     return 0
 
@@ -139,7 +139,7 @@ def _cluster_doc(c):
 
 
 def _profile_doc(p):
-    return {"run_dir": p.run_dir, "strategy": p.label, "world_size": p.world_size, "batch_size": p.batch_size,
+    return {"run_dir": p.run_dir, "model": p.model, "strategy": p.label, "world_size": p.world_size, "batch_size": p.batch_size,
             "compute_c0_s": p.compute_c0_s, "compute_c1_s": p.compute_c1_s, "adam_s": p.adam_s,
             "backward_share": p.backward_share, "buckets": [list(b) for b in p.buckets],
             "bucket_ready": list(p.bucket_ready), "seq_train_s": p.seq_train_s,

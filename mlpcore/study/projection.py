@@ -181,7 +181,8 @@ def links_from_netbench(path):
     rendezvous protocols have different latencies and rates, and one line
     through both is 20-30% off in the middle (netbench's single fit; checked
     on the emulated TCP link). Emulated links (``machine.emulated``) and
-    shared memory are ``host_cpu``: their transfers are copies by the cores.
+    shared memory are ``host_cpu``: their transfers are copies by the cores
+    (not so a link shaped by ``tc``: its time is spent waiting for tokens).
     """
     try:
         doc = json.loads(Path(path).read_text())
@@ -197,7 +198,8 @@ def links_from_netbench(path):
                 regimes.append((max(alpha, 0.0), max(beta, 0.0), max(gamma, 0.0), float(np.sqrt(np.mean(rel ** 2)))))
             source = (f"measured by netbench.py ({path}); rms fit residual {100 * regimes[0][3]:.0f}% below "
                       f"{LARGE_FROM} B, {100 * regimes[1][3]:.0f}% above")
-            cpu = name == "shm" or emulated
+            # a shaped link's time is the token bucket's, not the cores'
+            cpu = name == "shm" or (emulated and not r.get("shaped"))
             large = Link(name, *regimes[1][:3], source, cpu)
             links[name] = Link(name, *regimes[0][:3], source, cpu, large, LARGE_FROM)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -359,6 +361,7 @@ class RunProfile:
     n_params: int
     buckets: tuple                    # ((start, stop), ...) in gradient values, backprop order
     bucket_ready: tuple               # fraction of the backward pass done when each bucket is ready
+    handover_ready: tuple             # the same for every hand-over: where `nonblocking` calls into MPI
     backward_share: float             # share of a step's compute that is the backward pass
     compute_c0_s: float               # compute(b) = c0 + c1 * b, Adam excluded, seconds per step
     compute_c1_s: float
@@ -367,6 +370,7 @@ class RunProfile:
     measured_train_s: float
     measured: dict = field(default_factory=dict)
     notes: tuple = ()
+    model: str = "mlp"
 
     def compute(self, batch):
         return max(0.0, self.compute_c0_s + self.compute_c1_s * batch)
@@ -400,15 +404,9 @@ def _layer_times(model):
     return rows, backward / total
 
 
-def bucket_ready_fractions(model, buckets):
-    """When each bucket is complete, as a fraction of the backward pass.
-
-    Backprop runs the layers last to first; a layer's weight gradient takes
-    its share of the backward FLOPs, its values becoming final evenly over
-    it, and then its input gradient takes its share (work without FLOPs,
-    such as pooling, is spread in proportion).
-    """
-    rows, share = _layer_times(model)
+def ready_fractions(model, counts):
+    """When backprop has made the first ``c`` gradient values final, for each ``c``, as a fraction of the pass."""
+    rows, _ = _layer_times(model)
     marks, t = [], 0.0          # (gradient values final, time)
     for (lo, hi), w, x in rows:
         if hi > lo:
@@ -419,7 +417,18 @@ def bucket_ready_fractions(model, buckets):
         t += x
     values = np.array([m[0] for m in marks], dtype=float)
     times = np.array([m[1] for m in marks])
-    return tuple(float(np.interp(stop, values, times)) for _, stop in buckets), share
+    return tuple(float(np.interp(c, values, times)) for c in counts)
+
+
+def bucket_ready_fractions(model, buckets):
+    """When each bucket is complete, as a fraction of the backward pass.
+
+    Backprop runs the layers last to first; a layer's weight gradient takes
+    its share of the backward FLOPs, its values becoming final evenly over
+    it, and then its input gradient takes its share (work without FLOPs,
+    such as pooling, is spread in proportion).
+    """
+    return ready_fractions(model, [stop for _, stop in buckets]), _layer_times(model)[1]
 
 
 def _mean(values):
@@ -452,7 +461,7 @@ def load_profile(run_dir):
     notes = []
 
     from mlpcore.nn.model import build_model
-    from mlpcore.strategies.zero import bucket_bounds
+    from mlpcore.strategies.zero import bucket_bounds, handovers
 
     n_features = 784
     model = build_model(cfg["model"], n_features=n_features, n_classes=10, hidden=tuple(cfg["hidden"]),
@@ -461,6 +470,7 @@ def load_profile(run_dir):
     bucket_values = int(cfg["bucket_kb"]) * 1024 // value_bytes
     buckets = tuple(bucket_bounds(model, bucket_values, n_features))
     ready, share = bucket_ready_fractions(model, buckets)
+    progress = ready_fractions(model, handovers(model, bucket_values, n_features))
 
     adam = float("nan")
     if name == "allreduce":
@@ -503,8 +513,9 @@ def load_profile(run_dir):
                 "work_per_step_s": work, "local_batch": local_batch}
     return RunProfile(str(run_dir), name, mode, bool(cfg.get("shard_optimizer")), bool(cfg.get("node_shm")),
                       int(cfg.get("sync_every") or 0), n, ppn, B, epochs, n_train, int(doc["data"]["n_test"]),
-                      n_features, 10, value_bytes, model.n_params, buckets, ready, share, c0, c1, adam, seq_train,
-                      float(tim["parallel_train_s"]), measured, tuple(notes))
+                      n_features, 10, value_bytes, model.n_params, buckets, ready, progress, share, c0, c1, adam,
+                      seq_train,
+                      float(tim["parallel_train_s"]), measured, tuple(notes), cfg["model"])
 
 
 # --------------------------------------------------------------------------- projecting
@@ -539,13 +550,32 @@ def exposed_comm(profile, ranks, cluster, backward_s, algorithm="mpich"):
         # Nothing to overlap with: either backprop is over before the first bucket goes, or
         # the transfers are copies by the very cores that run backprop (shared memory, or
         # emulated nodes whose "wire" is the kernel copying between namespaces).
-        exposed = total
-    else:
-        free = 0.0      # one channel: a bucket starts when it is ready and the previous one is done
-        for ready, t in zip(profile.bucket_ready, times):
-            free = max(free, ready * backward_s) + t
-        exposed = max(0.0, free - backward_s)
-    return exposed, total, int(sum(sizes)), len(sizes)
+        return total, total, int(sum(sizes)), len(sizes)
+    # One channel: a bucket starts when it is ready and the previous one is done. A
+    # collective is a few rounds of messages; with `thread` each round starts as soon as
+    # the last one ends (the thread is inside MPI), with `nonblocking` only when the rank
+    # next calls into MPI: at a hand-over of backprop (its Testall), or once backprop is
+    # over and it waits. A round, once started, runs on (the kernel sends what it was given).
+    calls = sorted(f * backward_s for f in profile.handover_ready) if profile.mode == "nonblocking" else None
+    free = 0.0
+    for ready, t, n in zip(profile.bucket_ready, times, sizes):
+        now = max(free, ready * backward_s)
+        rounds = _rounds(n, ranks, cluster, profile)
+        for _ in range(rounds):
+            if calls is not None and now < backward_s:
+                now = next((c for c in calls if c >= now - 1e-12), backward_s)
+            now += t / rounds
+        free = now
+    return max(0.0, free - backward_s), total, int(sum(sizes)), len(sizes)
+
+
+def _rounds(n, ranks, cluster, profile):
+    """Rounds of messages in one bucket's collective (each one needs MPI's progress to start)."""
+    p = cluster.nodes(ranks) if profile.node_shm else ranks
+    steps = max(1, math.ceil(math.log2(p))) if p > 1 else 1
+    if profile.shard_optimizer:
+        return steps                               # recursive halving
+    return steps if n <= MPICH_SHORT_ALLREDUCE else 2 * steps    # recursive doubling / Rabenseifner
 
 
 def _row(profile, ranks, cluster, train_s, once_s=0.0, **extra):
