@@ -589,15 +589,26 @@ def _scatter_shards(profile, ranks, cluster, samples):
     return scatter_time(samples * (profile.n_features + 1), ranks, cluster)
 
 
+def _split(profile, ranks, scaling):
+    """Data-parallel (and local SGD) work at ``ranks``: (batch per rank, steps, samples scattered)."""
+    p = profile
+    if scaling == "weak":           # every rank keeps the measured run's shard and per-rank batch
+        shard = math.ceil(p.n_train / p.world_size)
+        batch = p.measured["local_batch"]
+        return batch, round(p.epochs * math.ceil(shard / batch)), shard * ranks
+    return p.batch_size / ranks, p.steps, p.n_train
+
+
 def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
     """One row: the projected training time of ``profile``'s strategy at ``ranks`` ranks of ``cluster``.
 
     ``scaling="strong"``: the run's data and global batch, split over the
     ranks. ``"weak"``: every rank keeps the measured run's shard and per-rank
-    batch, so the data grows with the ranks. Rows carry ``train_s``,
-    ``speedup`` and ``efficiency`` (against the 1-rank time of the same
-    scaling), the per-step parts, and ``train_s = None`` with a ``note`` where
-    the strategy cannot run (fewer samples in a global batch than ranks).
+    batch, so the data grows with the ranks. A row carries ``train_s``,
+    ``once_s`` (the scatter of the shards, and the ensemble's gather),
+    ``time_s`` (their sum) and the per-step parts; ``train_s`` is None, with
+    a ``note``, where the strategy cannot run (fewer samples in a global
+    batch than ranks). :func:`projection_rows` adds speed-up and efficiency.
     """
     if scaling not in ("strong", "weak"):
         raise UsageError(f"scaling must be 'strong' or 'weak', got {scaling!r}")
@@ -605,52 +616,37 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
         raise UsageError(f"ranks must be >= 1, got {ranks}")
     p, B = profile, profile.batch_size
     over = cluster.oversubscription(ranks)
-    base_batch = p.measured["local_batch"] if scaling == "weak" else None
-    row = None
-    if p.strategy == "allreduce":
-        batch = base_batch if scaling == "weak" else B / ranks
-        if batch < 1:
-            return _row(p, ranks, cluster, None, note=f"a global batch of {B} cannot be split over {ranks} ranks")
-        steps = p.steps if scaling == "strong" else round(p.epochs * math.ceil(p.n_train / p.world_size / batch))
-        compute = p.compute(batch) * over
-        adam_ranks = ranks if p.shard_optimizer else (cluster.per_node(ranks) if p.node_shm else 1)
-        adam = p.adam_s * over / adam_ranks
-        exposed, total, nbytes, calls = exposed_comm(p, ranks, cluster, p.backward_share * compute, algorithm)
-        gather = 0.0
-        if p.shard_optimizer and ranks > 1:       # the stepped slices come back bucket by bucket
-            sizes = [(stop - start) * p.value_bytes for start, stop in p.buckets]
-            gather = (sum(allgather_time(n, cluster.nodes(ranks), replace(cluster, ranks_per_node=1)) for n in sizes)
-                      if p.node_shm else sum(allgather_time(n, ranks, cluster) for n in sizes))
-            calls *= 2
-        step = compute + adam + exposed + gather
-        samples = p.n_train if scaling == "strong" else math.ceil(p.n_train / p.world_size) * ranks
-        row = _row(p, ranks, cluster, steps * step, _scatter_shards(p, ranks, cluster, samples), steps=steps, batch_per_rank=batch, compute_step_s=compute,
-                   adam_step_s=adam, comm_step_s=total, exposed_step_s=exposed + gather, bytes_step=nbytes,
-                   calls_step=calls)
-    elif p.strategy == "localsgd":
-        batch = base_batch if scaling == "weak" else B / ranks
-        if batch < 1:
-            return _row(p, ranks, cluster, None, note=f"a global batch of {B} cannot be split over {ranks} ranks")
-        steps = p.steps if scaling == "strong" else round(p.epochs * math.ceil(p.n_train / p.world_size / batch))
-        syncs = steps // p.sync_every if p.sync_every else 1
-        if ranks == 1:
-            syncs = 0
-        sync = allreduce_time(p.n_params * p.value_bytes, ranks, cluster, algorithm)
-        compute = p.compute(batch) * over
-        samples = p.n_train if scaling == "strong" else math.ceil(p.n_train / p.world_size) * ranks
-        row = _row(p, ranks, cluster, steps * compute + syncs * sync,
-                   _scatter_shards(p, ranks, cluster, samples), steps=steps, batch_per_rank=batch,
-                   compute_step_s=compute, syncs=syncs, sync_s=sync, exposed_step_s=syncs * sync / steps)
-    else:  # ensemble: a member per rank on 1/N of the data at the full batch
-        shard = math.ceil(p.n_train / p.world_size) if scaling == "weak" else math.ceil(p.n_train / ranks)
+    if p.strategy == "ensemble":    # a member per rank on 1/N of the data at the full batch
+        shard = math.ceil(p.n_train / (p.world_size if scaling == "weak" else ranks))
         steps = p.epochs * math.ceil(shard / B)
         compute = p.compute(B) * over
-        samples = p.n_train if scaling == "strong" else shard * ranks
-        once = (_scatter_shards(p, ranks, cluster, samples)
+        once = (_scatter_shards(p, ranks, cluster, shard * ranks if scaling == "weak" else p.n_train)
                 + gather_time(p.n_test * p.n_classes * p.value_bytes * ranks, ranks, cluster))
-        row = _row(p, ranks, cluster, steps * compute, once, steps=steps, batch_per_rank=B, compute_step_s=compute,
-                   shard=shard)
-    return row
+        return _row(p, ranks, cluster, steps * compute, once, steps=steps, batch_per_rank=B,
+                    compute_step_s=compute, shard=shard)
+    batch, steps, samples = _split(p, ranks, scaling)
+    if batch < 1:
+        return _row(p, ranks, cluster, None, note=f"a global batch of {B} cannot be split over {ranks} ranks")
+    compute = p.compute(batch) * over
+    once = _scatter_shards(p, ranks, cluster, samples)
+    if p.strategy == "localsgd":
+        syncs = 0 if ranks == 1 else (steps // p.sync_every if p.sync_every else 1)
+        sync = allreduce_time(p.n_params * p.value_bytes, ranks, cluster, algorithm)
+        return _row(p, ranks, cluster, steps * compute + syncs * sync, once, steps=steps, batch_per_rank=batch,
+                    compute_step_s=compute, syncs=syncs, sync_s=sync, exposed_step_s=syncs * sync / steps)
+    adam_ranks = ranks if p.shard_optimizer else (cluster.per_node(ranks) if p.node_shm else 1)
+    adam = p.adam_s * over / adam_ranks
+    exposed, total, nbytes, calls = exposed_comm(p, ranks, cluster, p.backward_share * compute, algorithm)
+    gather = 0.0
+    if p.shard_optimizer and ranks > 1:       # the stepped slices come back bucket by bucket
+        group, among = ((replace(cluster, ranks_per_node=1), cluster.nodes(ranks)) if p.node_shm
+                        else (cluster, ranks))
+        gather = sum(allgather_time((stop - start) * p.value_bytes, among, group) for start, stop in p.buckets)
+        calls *= 2
+    step = compute + adam + exposed + gather
+    return _row(p, ranks, cluster, steps * step, once, steps=steps, batch_per_rank=batch, compute_step_s=compute,
+                adam_step_s=adam, comm_step_s=total, exposed_step_s=exposed + gather, bytes_step=nbytes,
+                calls_step=calls)
 
 
 def projection_rows(profile, ranks_list, cluster, *, scaling="strong", algorithm="mpich"):
