@@ -16,7 +16,10 @@ What it models, per strategy (``steps`` = optimiser steps of the run):
   and ``thread`` (wait-free backprop) post each bucket when backprop has
   produced it (the backward pass is split over the layers by their gradient
   FLOPs) and wait only for what outlasts the backward pass, the buckets going
-  one after another on one channel; nothing is hidden on a link whose
+  one after another on one channel. A collective is rounds of messages:
+  ``thread`` starts each as the last one ends, ``nonblocking`` only when the
+  rank next calls into MPI (a hand-over of backprop, or the final wait:
+  MPICH's progress rule). Nothing is hidden on a link whose
   transfers are copies by the computing cores (shared memory, emulated
   nodes: ``Link.host_cpu``). ``--shard-optimizer``: reduce-scatter per
   bucket, Adam on 1/N, an allgather of the parameters after it.
@@ -38,9 +41,9 @@ step: with ranks placed node by node, a step whose partner is on the same node
 uses the intra-node link. The ring goes at the pace of its slowest link.
 
 Left out, on purpose: contention of several ranks for one NIC or a shared
-switch, jitter, stragglers, the OS, MPI's own progress (a nonblocking
-collective that only moves when the rank calls into MPI), and any effect of
-the batch size on accuracy or on the number of epochs needed.
+switch, jitter, stragglers, the OS, the handshakes within one round of
+messages, a comm thread's competition for the cores, and any effect of the
+batch size on accuracy or on the number of epochs needed.
 """
 
 from __future__ import annotations
