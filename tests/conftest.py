@@ -166,3 +166,32 @@ def cli(tmp_path):
         return run_cli(args, np, timeout=timeout, env=env, out=tmp_path / f"run{next(counter)}")
 
     return _run
+
+
+# MPICH leaves its node's shared-memory segment in /dev/shm when a job is aborted (the fault
+# tests abort many). At the end of the session, remove those this session created that no
+# process maps any more: a user's running MPI job keeps its own.
+_SESSION_STARTED = time.time()
+
+
+def _mapped_files():
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            names.update(line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+        except OSError:          # the process ended, or is not ours to read
+            continue
+    return names
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        segments = [p for p in Path("/dev/shm").glob("mpich_shm_*") if p.stat().st_mtime >= _SESSION_STARTED]
+    except OSError:
+        return
+    if not segments:
+        return
+    mapped = _mapped_files()
+    for path in segments:
+        if str(path) not in mapped:
+            path.unlink(missing_ok=True)
