@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -60,41 +59,45 @@ def reps_for(n):
 
 
 # --------------------------------------------------------------------------- measuring (under MPI)
+def _timed(comm, op, reps, trials):
+    """Seconds of each call of ``op()`` after a warm-up batch: ``trials`` batches of ``reps``, each after a barrier."""
+    from mpi4py import MPI
+
+    times = []
+    for trial in range(trials + 1):                  # trial 0 warms up
+        comm.Barrier()
+        for _ in range(reps):
+            t0 = MPI.Wtime()
+            op()
+            if trial:
+                times.append(MPI.Wtime() - t0)
+    return np.array(times)
+
+
 def measure(comm, sizes, trials):
     """Per size: the median one-way p2p time and the median allreduce time (the slowest rank's), and their minima."""
     from mpi4py import MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
+
+    def ping_pong():                                  # between ranks 0 and 1; one way = round trip / 2
+        if rank == 0:
+            comm.Send(a, dest=1, tag=7)
+            comm.Recv(b, source=1, tag=7)
+        elif rank == 1:
+            comm.Recv(b, source=0, tag=7)
+            comm.Send(a, dest=0, tag=7)
+
     rows = []
     for n in sizes:
         count = max(1, n // 4)                            # float32 elements
         a = np.ones(count, np.float32)
         b = np.empty_like(a)
         reps = reps_for(n)
-        # point-to-point ping-pong between ranks 0 and 1 (one-way time = round trip / 2)
-        times = []
-        for trial in range(trials + 1):                  # trial 0 warms up
-            comm.Barrier()
-            for _ in range(reps):
-                t0 = MPI.Wtime()
-                if rank == 0:
-                    comm.Send(a, dest=1, tag=7)
-                    comm.Recv(b, source=1, tag=7)
-                elif rank == 1:
-                    comm.Recv(b, source=0, tag=7)
-                    comm.Send(a, dest=0, tag=7)
-                if trial:
-                    times.append((MPI.Wtime() - t0) / 2)
-        med, low = comm.bcast((float(np.median(times)), float(np.min(times))) if times else (0.0, 0.0), root=0)
+        times = _timed(comm, ping_pong, reps, trials) / 2
+        med, low = comm.bcast((float(np.median(times)), float(np.min(times))), root=0)
         rows.append({"op": "p2p", "bytes": count * 4, "seconds": med, "min_seconds": low, "reps": reps * trials})
-        times = []
-        for trial in range(trials + 1):
-            comm.Barrier()
-            for _ in range(reps):
-                t0 = MPI.Wtime()
-                comm.Allreduce(a, b, op=MPI.SUM)
-                if trial:
-                    times.append(MPI.Wtime() - t0)
+        times = _timed(comm, lambda: comm.Allreduce(a, b, op=MPI.SUM), reps, trials)
         med = comm.allreduce(float(np.median(times)), op=MPI.MAX)
         low = comm.allreduce(float(np.min(times)), op=MPI.MAX)
         rows.append({"op": "allreduce", "bytes": count * 4, "seconds": med, "min_seconds": low,
@@ -165,10 +168,11 @@ def emulate_main(args):
           "--sizes", ",".join(map(str, args.sizes))]
     links = {}
     with nc.EmulatedCluster(nodes=2) as cluster:
-        for host in cluster.hosts if args.shape else ():
-            refused = cluster.shape(host, args.shape)
-            if refused:
-                sys.exit(f"netbench: tc refused to shape {host}'s link to {args.shape}: {refused}")
+        if args.shape:
+            try:
+                cluster.shape_all(args.shape)
+            except RuntimeError as exc:
+                sys.exit(f"netbench: {exc}")
         plans = [("shm", ["node0"], 2), ("tcp", ["node0", "node1"], 1)]
         for link, hosts, ppn in plans:
             out = Path(args.out or "netbench.json").with_suffix(f".{link}.part.json")
@@ -205,6 +209,8 @@ def main(argv=None):
     ap.add_argument("--shape", metavar="RATE", help="--emulate: shape the TCP link with tc tbf (e.g. 1gbit)")
     ap.add_argument("--python", help="--emulate: interpreter for the ranks (default: this one)")
     args = ap.parse_args(argv)
+    if args.trials < 1:
+        ap.error(f"--trials must be >= 1, got {args.trials}")
     return emulate_main(args) if args.emulate else rank_main(args)
 
 

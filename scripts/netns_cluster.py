@@ -360,6 +360,13 @@ class EmulatedCluster:
                      "burst", burst, "latency", "50ms", check=False)
         return None if p.returncode == 0 else p.stderr.strip()
 
+    def shape_all(self, rate):
+        """Shape every node's link to ``rate`` (both directions); raises ``RuntimeError`` with tc's refusal."""
+        for host in self.hosts:
+            refused = self.shape(host, rate)
+            if refused:
+                raise RuntimeError(f"tc refused to shape {host}'s link to {rate}: {refused}")
+
     # -- MPI --------------------------------------------------------------------------------
     def mpi_env(self, base=None, force_tcp=True):
         """Environment for mpirun (and so every rank): inter-node traffic over TCP on nic0.

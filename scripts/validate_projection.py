@@ -83,10 +83,6 @@ def run_local(args, n, cmd, timeout):
         sys.exit(f"validate: {' '.join(cmd[:4])} ... at {n} ranks failed ({p.returncode}):\n{p.stdout}{p.stderr}")
 
 
-def measured_train_s(run_dir):
-    return json.loads((Path(run_dir) / "results.json").read_text())["timings"]["parallel_train_s"]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -120,11 +116,11 @@ def main(argv=None):
 
     import netns_cluster as nc
 
-    try:
-        if not args.reproject:
+    if not args.reproject:
+        try:
             nc.check_supported()
-    except nc.NetnsUnavailable as exc:
-        sys.exit(f"validate: emulated nodes unavailable: {exc}")
+        except nc.NetnsUnavailable as exc:
+            sys.exit(f"validate: emulated nodes unavailable: {exc}")
     netbench = Path(args.netbench) if args.netbench else out / "netbench.json"
     if not args.netbench and not args.reproject:
         shape = ["--shape", args.shape] if args.shape else []
@@ -133,10 +129,11 @@ def main(argv=None):
         if p.returncode != 0:
             sys.exit(f"validate: netbench failed:\n{p.stdout}{p.stderr}")
         print(p.stderr.split("\n    ")[0])
-    links, _ = pj.links_from_netbench(netbench)
+    links = pj.links_from_netbench(netbench)
     if "shm" not in links or "tcp" not in links:
         sys.exit(f"validate: {netbench} needs links 'shm' and 'tcp' (netbench.py --emulate writes both)")
-    two_nodes = pj.Cluster(f"2 emulated nodes (tcp{', ' + args.shape if args.shape else ''})", links["shm"], links["tcp"], ranks_per_node=1)
+    tcp = f"tcp, {args.shape}" if args.shape else "tcp"
+    two_nodes = pj.Cluster(f"2 emulated nodes ({tcp})", links["shm"], links["tcp"], ranks_per_node=1)
     one_node = pj.Cluster("1 node, 2 cores (shm)", links["shm"], links["shm"], ranks_per_node=64, cores_per_node=2)
 
     started = time.monotonic()
@@ -169,10 +166,11 @@ def validate_once(args, configs, out, two_nodes, one_node, nc):
             run_local(args, 2, train_args(args, CONFIGS[name], out / "one-node" / slug(name)), args.timeout)
         # 2. the same on 2 emulated nodes x 1 rank
         with nc.EmulatedCluster(nodes=2) as cluster:
-            for host in cluster.hosts if args.shape else ():
-                refused = cluster.shape(host, args.shape)
-                if refused:
-                    sys.exit(f"validate: tc refused to shape {host}'s link to {args.shape}: {refused}")
+            if args.shape:
+                try:
+                    cluster.shape_all(args.shape)
+                except RuntimeError as exc:
+                    sys.exit(f"validate: {exc}")
             for name in configs:
                 target = out / "two-nodes" / slug(name)
                 run = cluster.mpirun(train_args(args, CONFIGS[name], target, baseline=False), ppn=1,
@@ -215,8 +213,8 @@ def summarise(rows):
 
 
 def _compare(name, target_label, prof, row, target_dir):
-    real = measured_train_s(target_dir)
     doc = json.loads((Path(target_dir) / "results.json").read_text())
+    real = doc["timings"]["parallel_train_s"]
     overlap = doc["strategy"].get("overlap") or {}
     steps = overlap.get("steps") or 0
     return {"config": name, "target": target_label, "source_train_s": prof.measured_train_s,

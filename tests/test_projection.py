@@ -77,7 +77,7 @@ def _profile(mode, buckets, ready, **kw):
                   world_size=2, ranks_per_node=2, batch_size=200, epochs=1, n_train=2000, n_test=100, n_features=784,
                   n_classes=10, value_bytes=4, n_params=buckets[-1][1], buckets=tuple(buckets),
                   bucket_ready=tuple(ready), handover_ready=tuple(ready), backward_share=0.5, compute_c0_s=1e-3, compute_c1_s=1e-5,
-                  adam_s=1e-4, seq_train_s=1.0, measured_train_s=1.0, measured={"local_batch": 100})
+                  adam_s=1e-4, seq_train_s=1.0, measured_train_s=1.0, local_batch=100)
     fields.update(kw)
     return pj.RunProfile(**fields)
 

@@ -72,12 +72,9 @@ def handovers(model, bucket_values, n_features):
 def bucket_bounds(model, bucket_values, n_features):
     """``[(start, stop), ...]``: the buckets :class:`AllreduceSync` posts for this model and bucket size.
 
-    One dry forward and backward pass of a single zero sample records where
-    backprop hands over the gradient (``model.backward``'s ready counts, which
-    depend on the layers and ``chunk`` only, not on the batch); the bucket rule
-    is AllreduceSync's: a bucket closes once it holds ``bucket_values`` values
-    (0: at every hand-over, one bucket per layer) or the gradient is complete.
-    The model's gradient buffer is overwritten; its parameters are not touched.
+    From backprop's :func:`handovers`, by AllreduceSync's rule: a bucket closes
+    once it holds ``bucket_values`` values (0: at every hand-over, one bucket
+    per layer) or the gradient is complete.
     """
     n = model.grads.size
     bounds, posted = [], 0

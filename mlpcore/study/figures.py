@@ -251,6 +251,9 @@ def plot_projection(path, rows, measured=(), title="", dpi=90):
     scaling); ``measured``: ``{"strategy", "ranks", "speedup"}`` points of real runs.
     """
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
     fig, ax = plt.subplots(figsize=(7.5, 5))
     labels = list(dict.fromkeys(r["strategy"] for r in rows))
     colors = {label: _color(i) for i, label in enumerate(labels)}
@@ -262,19 +265,13 @@ def plot_projection(path, rows, measured=(), title="", dpi=90):
     for m in measured:
         ax.plot(m["ranks"], m["speedup"], "o", markerfacecolor="white", ms=8, mew=1.5,
                 markeredgecolor=colors.get(m["strategy"], "black"))
+    handles, names = ax.get_legend_handles_labels()
     if measured:
-        from matplotlib.lines import Line2D
-
-        handles, names = ax.get_legend_handles_labels()
         handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black"))
         names.append("measured (this machine)")
-        ax.legend(handles, names, fontsize=8)
-    else:
-        ax.legend(fontsize=8)
+    ax.legend(handles, names, fontsize=8)
     ranks = sorted({r["ranks"] for r in rows})
     ax.plot(ranks, ranks, ":", color="grey", lw=1)
-    from matplotlib.ticker import FuncFormatter
-
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     for axis in (ax.xaxis, ax.yaxis):

@@ -89,11 +89,12 @@ def format_table(rows, profile, cluster, scaling):
 
 
 def measured_point(run_dir):
-    doc = json.loads((Path(run_dir) / "results.json").read_text())
+    """A real run as a point of the figure: its ranks and its training speed-up (results.json's ``speedup.train``)."""
     prof = pj.load_profile(run_dir)
-    placement = doc["environment"].get("placement") or {}
-    return {"strategy": prof.label, "ranks": prof.world_size, "nodes": placement.get("nodes", 1),
-            "speedup": doc["speedup"]["train"], "train_s": doc["timings"]["parallel_train_s"], "run_dir": str(run_dir)}
+    return {"strategy": prof.label, "ranks": prof.world_size,
+            "nodes": math.ceil(prof.world_size / prof.ranks_per_node),
+            "speedup": prof.seq_train_s / prof.measured_train_s, "train_s": prof.measured_train_s,
+            "run_dir": str(run_dir)}
 
 
 def main(argv=None, prog=None):

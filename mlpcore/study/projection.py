@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -207,12 +207,12 @@ def links_from_netbench(path):
             links[name] = Link(name, *regimes[0][:3], source, cpu, large, LARGE_FROM)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path}: not a netbench.py JSON file ({exc})") from None
-    return links, doc.get("machine", {})
+    return links
 
 
 def cluster_from_netbench(path, *, ranks_per_node=1, cores_per_node=None):
     """A cluster whose links netbench measured: its shared-memory link inside a node, its other link between."""
-    links, machine = links_from_netbench(path)
+    links = links_from_netbench(path)
     intra = links.get("shm", NODE_SHM)
     others = [link for name, link in links.items() if name != "shm"]
     inter = others[0] if others else intra
@@ -242,6 +242,14 @@ def _fold(n, p, cluster):
     return 2 * link.send(n) + link.reduce(n)
 
 
+def _halving(n, p, cluster):
+    """The steps of recursive halving: (link, bytes each partner sends), partners 1, 2, 4, ... apart."""
+    d, m = 1, n / 2
+    while d < _pof2(p):
+        yield _step_link(d, cluster), m
+        d, m = d * 2, m / 2
+
+
 def recursive_doubling(n, p, cluster):
     """Allreduce: log2(p) exchanges of all ``n`` bytes, each followed by a reduction."""
     t, d = _fold(n, p, cluster), 1
@@ -259,13 +267,8 @@ def rabenseifner(n, p, cluster):
     message halves at every step of the reduce-scatter and doubles back in the
     allgather, so the big first messages stay within a node.
     """
-    q = _pof2(p)
-    t, d, m = _fold(n, p, cluster), 1, n / 2
-    while d < q:
-        link = _step_link(d, cluster)
-        t += 2 * link.send(m) + link.reduce(m)      # a reduce-scatter step and its allgather step
-        d, m = d * 2, m / 2
-    return t
+    # each reduce-scatter step, and the allgather step that mirrors it
+    return _fold(n, p, cluster) + sum(2 * link.send(m) + link.reduce(m) for link, m in _halving(n, p, cluster))
 
 
 def ring(n, p, cluster):
@@ -309,12 +312,7 @@ def allreduce_time(n, p, cluster, algorithm="mpich"):
 
 def reduce_scatter_time(n, p, cluster):
     """Recursive halving: ``log2(p) alpha + (p-1)/p n (beta + gamma)`` (each rank keeps ``n/p`` sums)."""
-    t, d, m = _fold(n, p, cluster), 1, n / 2
-    while d < _pof2(p):
-        link = _step_link(d, cluster)
-        t += link.send(m) + link.reduce(m)
-        d, m = d * 2, m / 2
-    return t
+    return _fold(n, p, cluster) + sum(link.send(m) + link.reduce(m) for link, m in _halving(n, p, cluster))
 
 
 def allgather_time(n, p, cluster):
@@ -371,7 +369,7 @@ class RunProfile:
     adam_s: float                     # Adam over all the parameters, seconds per step
     seq_train_s: float                # the 1-thread sequential baseline's training time
     measured_train_s: float
-    measured: dict = field(default_factory=dict)
+    local_batch: float                # the run's batch per rank
     notes: tuple = ()
     model: str = "mlp"
 
@@ -434,11 +432,6 @@ def bucket_ready_fractions(model, buckets):
     return ready_fractions(model, [stop for _, stop in buckets]), _layer_times(model)[1]
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def load_profile(run_dir):
     """The :class:`RunProfile` of a run folder written by ``mpi_train.py`` (its ``results.json``)."""
     path = Path(run_dir) / "results.json"
@@ -475,27 +468,25 @@ def load_profile(run_dir):
     ready, share = bucket_ready_fractions(model, buckets)
     progress = ready_fractions(model, handovers(model, bucket_values, n_features))
 
-    adam = float("nan")
+    adam = 0.0          # localsgd and the ensemble step Adam inside their compute: kept in it
     if name == "allreduce":
         rows = overlap["breakdown_per_rank"]
         local_batch = B / n
         run_steps = int(overlap["steps"])
-        work = _mean([(r["train_s"] - r["reduce_s"]) / run_steps for r in rows])     # compute + Adam
-        adam = _mean([r["optimizer_s"] / run_steps for r in rows])
+        work = float(np.mean([(r["train_s"] - r["reduce_s"]) / run_steps for r in rows]))     # compute + Adam
+        adam = float(np.mean([r["optimizer_s"] / run_steps for r in rows]))
         if cfg["shard_optimizer"] or cfg["node_shm"]:
             adam *= n if cfg["shard_optimizer"] else ppn      # each rank stepped its slice only
         mode = cfg["overlap"]
     elif name == "localsgd":
         local_batch, run_steps = B / n, steps
-        work = _mean([(r["train_s"] - (r.get("comm_exposed_s") or 0.0)) / run_steps for r in per_rank])
+        work = float(np.mean([(r["train_s"] - (r.get("comm_exposed_s") or 0.0)) / run_steps for r in per_rank]))
         mode = f"K={cfg['sync_every']}"
     else:
         local_batch = B
         run_steps = epochs * math.ceil(math.ceil(n_train / n) / B)
-        work = _mean([r["train_s"] / run_steps for r in per_rank])
+        work = float(np.mean([r["train_s"] / run_steps for r in per_rank]))
         mode = "vote"
-    if not math.isfinite(adam):
-        adam = 0.0          # localsgd and the ensemble step Adam inside their compute: kept in it
     seq_step = seq_train / steps
     # compute(b) = c0 + c1 b through (B, baseline) and (b, run): Adam out of both.
     if n > 1 and local_batch != B:
@@ -510,15 +501,10 @@ def load_profile(run_dir):
         if name != "ensemble":      # the ensemble keeps the full batch: its line is never needed
             notes.append("one batch size measured: compute taken as proportional to the batch (no fixed cost)")
 
-    measured = {"train_s": float(tim["parallel_train_s"]), "comm": strat.get("comm", {}),
-                "overlap_bytes": overlap.get("bytes"), "overlap_calls": overlap.get("calls"),
-                "overlap_steps": overlap.get("steps"), "exposed_s": overlap.get("exposed_s"),
-                "work_per_step_s": work, "local_batch": local_batch}
     return RunProfile(str(run_dir), name, mode, bool(cfg.get("shard_optimizer")), bool(cfg.get("node_shm")),
                       int(cfg.get("sync_every") or 0), n, ppn, B, epochs, n_train, int(doc["data"]["n_test"]),
                       n_features, 10, value_bytes, model.n_params, buckets, ready, progress, share, c0, c1, adam,
-                      seq_train,
-                      float(tim["parallel_train_s"]), measured, tuple(notes), cfg["model"])
+                      seq_train, float(tim["parallel_train_s"]), local_batch, tuple(notes), cfg["model"])
 
 
 # --------------------------------------------------------------------------- projecting
@@ -533,9 +519,10 @@ def exposed_comm(profile, ranks, cluster, backward_s, algorithm="mpich"):
         # Each rank sums its 1/L of every local block (reads L/L of a bucket, writes 1/L) between two
         # node barriers; the leaders then allreduce (or reduce-scatter) the node sums.
         def cost(n):
-            intra = cluster.intra.at(n)
-            t = 2 * math.ceil(math.log2(local)) * intra.alpha_s if local > 1 else 0.0
-            t += n * (local - 1) / local * (intra.beta_s_per_byte + intra.gamma_s_per_byte) if local > 1 else 0.0
+            intra, t = cluster.intra.at(n), 0.0
+            if local > 1:
+                t = (2 * math.ceil(math.log2(local)) * intra.alpha_s
+                     + n * (local - 1) / local * (intra.beta_s_per_byte + intra.gamma_s_per_byte))
             if nodes > 1:
                 t += (reduce_scatter_time(n, nodes, leaders) if profile.shard_optimizer
                       else allreduce_time(n, nodes, leaders, algorithm))
@@ -581,7 +568,7 @@ def _rounds(n, ranks, cluster, profile):
     return steps if n <= MPICH_SHORT_ALLREDUCE else 2 * steps    # recursive doubling / Rabenseifner
 
 
-def _row(profile, ranks, cluster, train_s, once_s=0.0, **extra):
+def _row(ranks, cluster, train_s, once_s=0.0, **extra):
     return {"ranks": ranks, "nodes": cluster.nodes(ranks), "ranks_per_node": cluster.per_node(ranks),
             "train_s": train_s, "once_s": once_s, "time_s": None if train_s is None else train_s + once_s,
             **extra}
@@ -597,7 +584,7 @@ def _split(profile, ranks, scaling):
     p = profile
     if scaling == "weak":           # every rank keeps the measured run's shard and per-rank batch
         shard = math.ceil(p.n_train / p.world_size)
-        batch = p.measured["local_batch"]
+        batch = p.local_batch
         return batch, round(p.epochs * math.ceil(shard / batch)), shard * ranks
     return p.batch_size / ranks, p.steps, p.n_train
 
@@ -625,17 +612,17 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
         compute = p.compute(B) * over
         once = (_scatter_shards(p, ranks, cluster, shard * ranks if scaling == "weak" else p.n_train)
                 + gather_time(p.n_test * p.n_classes * p.value_bytes * ranks, ranks, cluster))
-        return _row(p, ranks, cluster, steps * compute, once, steps=steps, batch_per_rank=B,
+        return _row(ranks, cluster, steps * compute, once, steps=steps, batch_per_rank=B,
                     compute_step_s=compute, shard=shard)
     batch, steps, samples = _split(p, ranks, scaling)
     if batch < 1:
-        return _row(p, ranks, cluster, None, note=f"a global batch of {B} cannot be split over {ranks} ranks")
+        return _row(ranks, cluster, None, note=f"a global batch of {B} cannot be split over {ranks} ranks")
     compute = p.compute(batch) * over
     once = _scatter_shards(p, ranks, cluster, samples)
     if p.strategy == "localsgd":
         syncs = 0 if ranks == 1 else (steps // p.sync_every if p.sync_every else 1)
         sync = allreduce_time(p.n_params * p.value_bytes, ranks, cluster, algorithm)
-        return _row(p, ranks, cluster, steps * compute + syncs * sync, once, steps=steps, batch_per_rank=batch,
+        return _row(ranks, cluster, steps * compute + syncs * sync, once, steps=steps, batch_per_rank=batch,
                     compute_step_s=compute, syncs=syncs, sync_s=sync, exposed_step_s=syncs * sync / steps)
     adam_ranks = ranks if p.shard_optimizer else (cluster.per_node(ranks) if p.node_shm else 1)
     adam = p.adam_s * over / adam_ranks
@@ -647,7 +634,7 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
         gather = sum(allgather_time((stop - start) * p.value_bytes, among, group) for start, stop in p.buckets)
         calls *= 2
     step = compute + adam + exposed + gather
-    return _row(p, ranks, cluster, steps * step, once, steps=steps, batch_per_rank=batch, compute_step_s=compute,
+    return _row(ranks, cluster, steps * step, once, steps=steps, batch_per_rank=batch, compute_step_s=compute,
                 adam_step_s=adam, comm_step_s=total, exposed_step_s=exposed + gather, bytes_step=nbytes,
                 calls_step=calls)
 
