@@ -108,6 +108,24 @@ def test_wait_free_backprop_hides_what_the_backward_pass_covers():
     assert pj.exposed_comm(_profile("nonblocking", buckets, ready), 1, slow, 10e-3) == (0.0, 0.0, 0, 0)
 
 
+
+def test_ranks_that_share_cores_take_turns_at_the_copies_too():
+    # 4 ranks on a node of 2 cores: compute, Adam and (on a link the cores copy) communication
+    # all take twice as long; on a wire that is not the cores' work, only compute and Adam do
+    buckets, ready = [(0, 250_000), (250_000, 500_000)], [0.4, 1.0]
+    profile = _profile("none", buckets, ready)
+    copies = replace(LINK, host_cpu=True)
+    for link, comm_stretch in ((copies, 2.0), (LINK, 1.0)):
+        own_cores = pj.project(profile, 4, pj.Cluster("c", link, link, ranks_per_node=4, cores_per_node=4))
+        shared = pj.project(profile, 4, pj.Cluster("c", link, link, ranks_per_node=4, cores_per_node=2))
+        assert shared["compute_step_s"] == pytest.approx(2 * own_cores["compute_step_s"])
+        assert shared["adam_step_s"] == pytest.approx(2 * own_cores["adam_step_s"])
+        assert shared["exposed_step_s"] == pytest.approx(comm_stretch * own_cores["exposed_step_s"])
+        assert own_cores["exposed_step_s"] == pytest.approx(2 * pj.allreduce_time(1e6, 4, pj.Cluster("c", link, link, 4)))
+    local = pj.project(replace(profile, strategy="localsgd", sync_every=1), 4,
+                       pj.Cluster("c", copies, copies, ranks_per_node=4, cores_per_node=2))
+    assert local["sync_s"] == pytest.approx(2 * pj.allreduce_time(2e6, 4, pj.Cluster("c", copies, copies, 4)))
+
 def test_bucket_ready_fractions_follow_backprop_from_the_last_layer():
     from mlpcore.nn.model import build_model
     from mlpcore.strategies.zero import bucket_bounds

@@ -99,8 +99,9 @@ class Cluster:
     """Nodes of ``ranks_per_node`` ranks: ``intra`` between ranks of a node, ``inter`` between nodes.
 
     ``cores_per_node``: when a node holds more ranks than cores, they share
-    them and each rank's compute takes ``ranks_per_node / cores_per_node``
-    times longer (None: one core per rank).
+    them and each rank's compute and Adam take ``ranks_per_node /
+    cores_per_node`` times longer, and so does communication on a link whose
+    transfers are the cores' own copies (``Link.host_cpu``). None: one core per rank.
     """
 
     name: str
@@ -533,10 +534,9 @@ def exposed_comm(profile, ranks, cluster, backward_s, algorithm="mpich"):
     else:
         def cost(n):
             return allreduce_time(n, ranks, cluster, algorithm)
-    times = [cost(n) for n in sizes]
+    times = [cost(n) * _copy_stretch(ranks, cluster) for n in sizes]
     total = float(sum(times))
-    link = cluster.inter if cluster.nodes(ranks) > 1 else cluster.intra
-    if profile.mode == "none" or link.host_cpu:
+    if profile.mode == "none" or _nodes_link(ranks, cluster).host_cpu:
         # Nothing to overlap with: either backprop is over before the first bucket goes, or
         # the transfers are copies by the very cores that run backprop (shared memory, or
         # emulated nodes whose "wire" is the kernel copying between namespaces).
@@ -557,6 +557,15 @@ def exposed_comm(profile, ranks, cluster, backward_s, algorithm="mpich"):
             now += t / rounds
         free = now
     return max(0.0, free - backward_s), total, int(sum(sizes)), len(sizes)
+
+
+def _copy_stretch(ranks, cluster):
+    """How much longer communication takes because its copies share oversubscribed cores.
+
+    On a ``host_cpu`` link the cores copy the bytes; with more ranks than
+    cores they take turns at that as at the compute. Otherwise 1.
+    """
+    return cluster.oversubscription(ranks) if _nodes_link(ranks, cluster).host_cpu else 1.0
 
 
 def _rounds(n, ranks, cluster, profile):
@@ -621,7 +630,7 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
     once = _scatter_shards(p, ranks, cluster, samples)
     if p.strategy == "localsgd":
         syncs = 0 if ranks == 1 else (steps // p.sync_every if p.sync_every else 1)
-        sync = allreduce_time(p.n_params * p.value_bytes, ranks, cluster, algorithm)
+        sync = allreduce_time(p.n_params * p.value_bytes, ranks, cluster, algorithm) * _copy_stretch(ranks, cluster)
         return _row(ranks, cluster, steps * compute + syncs * sync, once, steps=steps, batch_per_rank=batch,
                     compute_step_s=compute, syncs=syncs, sync_s=sync, exposed_step_s=syncs * sync / steps)
     adam_ranks = ranks if p.shard_optimizer else (cluster.per_node(ranks) if p.node_shm else 1)
@@ -631,7 +640,8 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
     if p.shard_optimizer and ranks > 1:       # the stepped slices come back bucket by bucket
         group, among = ((replace(cluster, ranks_per_node=1), cluster.nodes(ranks)) if p.node_shm
                         else (cluster, ranks))
-        gather = sum(allgather_time((stop - start) * p.value_bytes, among, group) for start, stop in p.buckets)
+        gather = sum(allgather_time((stop - start) * p.value_bytes, among, group)
+                     for start, stop in p.buckets) * _copy_stretch(ranks, cluster)
         calls *= 2
     step = compute + adam + exposed + gather
     return _row(ranks, cluster, steps * step, once, steps=steps, batch_per_rank=batch, compute_step_s=compute,
