@@ -145,6 +145,25 @@ def test_bucket_ready_fractions_follow_backprop_from_the_last_layer():
     assert list(ready) == sorted(ready)
 
 
+def test_what_the_run_waited_beyond_its_modelled_communication_is_kept():
+    buckets, ready = [(0, 250_000), (250_000, 500_000)], [0.4, 1.0]
+    own = pj.allreduce_time(1e6, 2, FLAT)    # per bucket, on the run's own placement: 2 ranks of one node
+    waited = _profile("none", buckets, ready, measured_wait_s=2 * own + 3e-4)
+    plain = replace(waited, measured_wait_s=None)
+    assert pj.unexplained_wait(waited, FLAT) == pytest.approx(3e-4)
+    slow = pj.Cluster("slow", LINK, pj.Link("s", A, 1e-8, G), ranks_per_node=1)
+    for ranks in (2, 8):        # a lag, not a transfer: the same on any link and at any rank count
+        gap = pj.project(waited, ranks, slow)["train_s"] - pj.project(plain, ranks, slow)["train_s"]
+        assert gap == pytest.approx(waited.steps * 3e-4)
+    assert pj.project(waited, 1, slow)["train_s"] == pj.project(plain, 1, slow)["train_s"]
+    # a model that costs the run's communication above what it waited adds nothing
+    assert pj.unexplained_wait(replace(waited, measured_wait_s=own), FLAT) == 0.0
+    # local SGD: per sync
+    local = replace(waited, strategy="localsgd", sync_every=5, measured_wait_s=pj.allreduce_time(2e6, 2, FLAT) + 1e-3)
+    row = pj.project(local, 4, FLAT)
+    assert row["sync_s"] == pytest.approx(pj.allreduce_time(2e6, 4, FLAT) + 1e-3)
+
+
 # --------------------------------------------------------------------------- real runs
 SMALL = ["--train-limit", "4000", "--test-limit", "500", "--epochs", "2", "--quiet", "--no-plots", "--threads", "1"]
 
@@ -182,6 +201,9 @@ def test_the_bucket_plan_moves_what_the_run_moved(runs, name):
     assert prof.adam_s > 0 and math.isfinite(prof.compute_c0_s + prof.compute_c1_s)
     assert prof.compute(200) + prof.adam_s == pytest.approx(prof.seq_train_s / prof.steps, rel=1e-9) \
         or prof.notes
+    # what the ranks waited in communication, per step; the sharded optimizer counts its waits otherwise
+    waits = [r["reduce_s"] / overlap["steps"] for r in overlap["breakdown_per_rank"]]
+    assert prof.measured_wait_s == (None if name == "zero1" else pytest.approx(np.mean(waits)))
 
 
 def test_local_sgd_syncs_as_often_as_the_run(runs):
@@ -189,6 +211,8 @@ def test_local_sgd_syncs_as_often_as_the_run(runs):
     doc = json.loads((runs["localsgd"] / "results.json").read_text())
     row = pj.project(prof, 2, FLAT)
     assert row["syncs"] == doc["strategy"]["comm"]["train_calls"] == prof.steps // 5
+    exposed = [r["comm_exposed_s"] for r in doc["timings"]["per_rank"]]
+    assert prof.measured_wait_s == pytest.approx(np.mean(exposed) / row["syncs"])
 
 
 def test_the_ensemble_trains_a_shard_per_rank(runs):

@@ -373,6 +373,9 @@ class RunProfile:
     local_batch: float                # the run's batch per rank
     notes: tuple = ()
     model: str = "mlp"
+    # What the run's ranks waited in communication, seconds per step (allreduce) or per sync
+    # (localsgd); None where the strategy counts its waits otherwise (ensemble, zero1, node-shm)
+    measured_wait_s: float | None = None
 
     def compute(self, batch):
         return max(0.0, self.compute_c0_s + self.compute_c1_s * batch)
@@ -470,11 +473,14 @@ def load_profile(run_dir):
     progress = ready_fractions(model, handovers(model, bucket_values, n_features))
 
     adam = 0.0          # localsgd and the ensemble step Adam inside their compute: kept in it
+    wait = None
     if name == "allreduce":
         rows = overlap["breakdown_per_rank"]
         local_batch = B / n
         run_steps = int(overlap["steps"])
         work = float(np.mean([(r["train_s"] - r["reduce_s"]) / run_steps for r in rows]))     # compute + Adam
+        if not (cfg["shard_optimizer"] or cfg["node_shm"]):
+            wait = float(np.mean([r["reduce_s"] / run_steps for r in rows]))
         adam = float(np.mean([r["optimizer_s"] / run_steps for r in rows]))
         if cfg["shard_optimizer"] or cfg["node_shm"]:
             adam *= n if cfg["shard_optimizer"] else ppn      # each rank stepped its slice only
@@ -482,6 +488,9 @@ def load_profile(run_dir):
     elif name == "localsgd":
         local_batch, run_steps = B / n, steps
         work = float(np.mean([(r["train_s"] - (r.get("comm_exposed_s") or 0.0)) / run_steps for r in per_rank]))
+        syncs = run_steps // int(cfg["sync_every"]) if cfg["sync_every"] else 1
+        if n > 1 and syncs:
+            wait = float(np.mean([(r.get("comm_exposed_s") or 0.0) for r in per_rank])) / syncs
         mode = f"K={cfg['sync_every']}"
     else:
         local_batch = B
@@ -505,7 +514,8 @@ def load_profile(run_dir):
     return RunProfile(str(run_dir), name, mode, bool(cfg.get("shard_optimizer")), bool(cfg.get("node_shm")),
                       int(cfg.get("sync_every") or 0), n, ppn, B, epochs, n_train, int(doc["data"]["n_test"]),
                       n_features, 10, value_bytes, model.n_params, buckets, ready, progress, share, c0, c1, adam,
-                      seq_train, float(tim["parallel_train_s"]), local_batch, tuple(notes), cfg["model"])
+                      seq_train, float(tim["parallel_train_s"]), local_batch, tuple(notes), cfg["model"],
+                      wait if n > 1 else None)
 
 
 # --------------------------------------------------------------------------- projecting
@@ -557,6 +567,31 @@ def exposed_comm(profile, ranks, cluster, backward_s, algorithm="mpich"):
             now += t / rounds
         free = now
     return max(0.0, free - backward_s), total, int(sum(sizes)), len(sizes)
+
+
+def unexplained_wait(profile, cluster, algorithm="mpich"):
+    """What the measured run's ranks waited beyond what the model gives its communication: seconds.
+
+    The run itself is costed on ``cluster``'s links with its own placement
+    (``world_size`` ranks, ``ranks_per_node`` a node). What its ranks waited
+    beyond that (a straggler's lag, a comm thread's hand-over, the
+    interpreter's lock) is no transfer, so it does not change with the link:
+    it is kept, per step (allreduce) or per sync (localsgd), at every rank
+    count above 1. Never negative: a model that costs the run's communication
+    above its measured wait has nothing to add.
+    """
+    p = profile
+    if p.measured_wait_s is None or p.world_size < 2:
+        return 0.0
+    own = replace(cluster, ranks_per_node=p.ranks_per_node)
+    over = own.oversubscription(p.world_size)
+    if p.strategy == "localsgd":
+        modelled = allreduce_time(p.n_params * p.value_bytes, p.world_size, own, algorithm) * _copy_stretch(
+            p.world_size, own)
+    else:
+        modelled = exposed_comm(p, p.world_size, own, p.backward_share * p.compute(p.local_batch) * over,
+                                algorithm)[0]
+    return max(0.0, p.measured_wait_s - modelled)
 
 
 def _copy_stretch(ranks, cluster):
@@ -631,6 +666,7 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
     if p.strategy == "localsgd":
         syncs = 0 if ranks == 1 else (steps // p.sync_every if p.sync_every else 1)
         sync = allreduce_time(p.n_params * p.value_bytes, ranks, cluster, algorithm) * _copy_stretch(ranks, cluster)
+        sync += unexplained_wait(p, cluster, algorithm) if ranks > 1 else 0.0
         return _row(ranks, cluster, steps * compute + syncs * sync, once, steps=steps, batch_per_rank=batch,
                     compute_step_s=compute, syncs=syncs, sync_s=sync, exposed_step_s=syncs * sync / steps)
     adam_ranks = ranks if p.shard_optimizer else (cluster.per_node(ranks) if p.node_shm else 1)
@@ -643,7 +679,7 @@ def project(profile, ranks, cluster, *, scaling="strong", algorithm="mpich"):
         gather = sum(allgather_time((stop - start) * p.value_bytes, among, group)
                      for start, stop in p.buckets) * _copy_stretch(ranks, cluster)
         calls *= 2
-    step = compute + adam + exposed + gather
+    step = compute + adam + exposed + gather + (unexplained_wait(p, cluster, algorithm) if ranks > 1 else 0.0)
     return _row(ranks, cluster, steps * step, once, steps=steps, batch_per_rank=batch, compute_step_s=compute,
                 adam_step_s=adam, comm_step_s=total, exposed_step_s=exposed + gather, bytes_step=nbytes,
                 calls_step=calls)
