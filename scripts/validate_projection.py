@@ -13,11 +13,13 @@ What it does:
 1. measures the links (``scripts/netbench.py --emulate``: shared memory, and TCP between
    two emulated nodes), unless ``--netbench`` gives them;
 2. for each configuration, trains a **source** run on one node (``mpirun -n 2``, shared
-   memory), and the **same** configuration on 2 emulated nodes x 1 rank (real ranks in two
-   network namespaces, talking TCP through the veths: ``scripts/netns_cluster.py``);
+   memory), and right after it the **same** configuration on 2 emulated nodes x 1 rank (real
+   ranks in two network namespaces, talking TCP through the veths: ``scripts/netns_cluster.py``);
+   back to back, so that the machine's drift weighs little on the comparison;
 3. projects each source onto "2 nodes x 1 rank on the measured TCP link" and compares the
    projected training time with the real 2-node run's;
-4. runs the first configuration again at 1, 2 and 4 ranks on one node and compares those
+4. runs the first configuration again at 1, 2 and 4 ranks on one node (right after its
+   2-node run) and compares those
    with the source's projection onto one node of 2 cores (4 ranks on it share the cores;
    the 2-rank target is a second run of the source's configuration, so its error is
    run-to-run noise).
@@ -158,42 +160,51 @@ def main(argv=None):
 
 
 def validate_once(args, configs, out, two_nodes, one_node, nc):
-    """One round: the sources, their 2-node runs, the 1/2/4-rank runs; the comparison rows."""
-    rows = []
-    # 1. the sources, one node, 2 ranks
+    """One round: each source, then at once its 2-node run (and the first one's 1/2/4-rank runs); the rows.
+
+    A source and its targets run back to back, so that the machine's drift between
+    runs (minutes apart, it can reach 20-30% here) weighs on the comparison as little
+    as it can.
+    """
     if not args.reproject:
-        for name in configs:
-            run_local(args, 2, train_args(args, CONFIGS[name], out / "one-node" / slug(name)), args.timeout)
-        # 2. the same on 2 emulated nodes x 1 rank
         with nc.EmulatedCluster(nodes=2) as cluster:
             if args.shape:
                 try:
                     cluster.shape_all(args.shape)
                 except RuntimeError as exc:
                     sys.exit(f"validate: {exc}")
-            for name in configs:
+            for i, name in enumerate(configs):
+                # the source: one node, 2 ranks; then the same on 2 emulated nodes x 1 rank
+                run_local(args, 2, train_args(args, CONFIGS[name], out / "one-node" / slug(name)), args.timeout)
                 target = out / "two-nodes" / slug(name)
                 run = cluster.mpirun(train_args(args, CONFIGS[name], target, baseline=False), ppn=1,
                                      timeout=args.timeout, cwd=REPO)
                 if run.returncode != 0:
                     sys.exit(f"validate: the 2-node run of {name} failed ({run.returncode}):\n"
                              f"{run.output[-3000:]}")
+                if i == 0 and not args.no_one_node:      # one node, 1, 2 and 4 ranks
+                    for n in ONE_NODE_RANKS:
+                        run_local(args, n, train_args(args, CONFIGS[name], _one_node_target(out, name, n),
+                                                      baseline=False), args.timeout)
+    rows = []
     for name in configs:
         prof = pj.load_profile(out / "one-node" / slug(name))
         row = pj.project(prof, 2, two_nodes)
         onto = "2 nodes x 1 rank, tcp" + (f" shaped to {args.shape}" if args.shape else "")
         rows.append(_compare(name, onto, prof, row, out / "two-nodes" / slug(name)))
-    # 3. one node, 1, 2 and 4 ranks, from the first configuration's source
+    # one node, 1, 2 and 4 ranks, from the first configuration's source
     if not args.no_one_node:
         name = configs[0]
         prof = pj.load_profile(out / "one-node" / slug(name))
         for n in ONE_NODE_RANKS:
-            target = out / "one-node-ranks" / f"{slug(name)}-n{n}"
-            if not args.reproject:
-                run_local(args, n, train_args(args, CONFIGS[name], target, baseline=False), args.timeout)
             cluster = replace(one_node, ranks_per_node=n)
-            rows.append(_compare(name, f"1 node x {n} rank(s), shm", prof, pj.project(prof, n, cluster), target))
+            rows.append(_compare(name, f"1 node x {n} rank(s), shm", prof, pj.project(prof, n, cluster),
+                                 _one_node_target(out, name, n)))
     return rows
+
+
+def _one_node_target(out, name, n):
+    return out / "one-node-ranks" / f"{slug(name)}-n{n}"
 
 
 def summarise(rows):

@@ -150,17 +150,21 @@ def test_what_the_run_waited_beyond_its_modelled_communication_is_kept():
     own = pj.allreduce_time(1e6, 2, FLAT)    # per bucket, on the run's own placement: 2 ranks of one node
     waited = _profile("none", buckets, ready, measured_wait_s=2 * own + 3e-4)
     plain = replace(waited, measured_wait_s=None)
-    assert pj.unexplained_wait(waited, FLAT) == pytest.approx(3e-4)
-    slow = pj.Cluster("slow", LINK, pj.Link("s", A, 1e-8, G), ranks_per_node=1)
+    # the run's link must be a measured one: an assumed link can't tell transfers from lags
+    assert pj.unexplained_wait(waited, FLAT) == 0.0
+    measured = replace(LINK, measured=True)
+    flat_measured = pj.Cluster("flat", measured, measured, ranks_per_node=1)
+    assert pj.unexplained_wait(waited, flat_measured) == pytest.approx(3e-4)
+    slow = pj.Cluster("slow", measured, pj.Link("s", A, 1e-8, G), ranks_per_node=1)
     for ranks in (2, 8):        # a lag, not a transfer: the same on any link and at any rank count
         gap = pj.project(waited, ranks, slow)["train_s"] - pj.project(plain, ranks, slow)["train_s"]
         assert gap == pytest.approx(waited.steps * 3e-4)
     assert pj.project(waited, 1, slow)["train_s"] == pj.project(plain, 1, slow)["train_s"]
     # a model that costs the run's communication above what it waited adds nothing
-    assert pj.unexplained_wait(replace(waited, measured_wait_s=own), FLAT) == 0.0
+    assert pj.unexplained_wait(replace(waited, measured_wait_s=own), flat_measured) == 0.0
     # local SGD: per sync
     local = replace(waited, strategy="localsgd", sync_every=5, measured_wait_s=pj.allreduce_time(2e6, 2, FLAT) + 1e-3)
-    row = pj.project(local, 4, FLAT)
+    row = pj.project(local, 4, flat_measured)
     assert row["sync_s"] == pytest.approx(pj.allreduce_time(2e6, 4, FLAT) + 1e-3)
 
 

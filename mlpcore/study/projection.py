@@ -40,10 +40,16 @@ Rabenseifner above. Recursive doubling and Rabenseifner are costed step by
 step: with ranks placed node by node, a step whose partner is on the same node
 uses the intra-node link. The ring goes at the pace of its slowest link.
 
+Kept from the run: what its ranks waited in communication beyond the model's
+cost of the run's own communication (:func:`unexplained_wait`: a straggler's
+lag, a comm thread's hand-over), as a fixed cost per step or per sync. With
+more ranks than cores, communication on a ``host_cpu`` link is stretched like
+the compute.
+
 Left out, on purpose: contention of several ranks for one NIC or a shared
-switch, jitter, stragglers, the OS, the handshakes within one round of
-messages, a comm thread's competition for the cores, and any effect of the
-batch size on accuracy or on the number of epochs needed.
+switch, how stragglers grow with the rank count, the OS, the handshakes
+within one round of messages, and any effect of the batch size on accuracy
+or on the number of epochs needed.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class Link:
     host_cpu: bool = False          # its transfers are copies by the cores that also compute
     large: "Link | None" = None     # the parameters of messages of ``large_from`` bytes and more
     large_from: int = 0
+    measured: bool = False          # fitted to measurements of this link (netbench), not assumed
 
     def at(self, n):
         """The parameters that hold for a message of ``n`` bytes (eager and rendezvous protocols differ)."""
@@ -204,8 +211,8 @@ def links_from_netbench(path):
                       f"{LARGE_FROM} B, {100 * regimes[1][3]:.0f}% above")
             # a shaped link's time is the token bucket's, not the cores'
             cpu = name == "shm" or (emulated and not r.get("shaped"))
-            large = Link(name, *regimes[1][:3], source, cpu)
-            links[name] = Link(name, *regimes[0][:3], source, cpu, large, LARGE_FROM)
+            large = Link(name, *regimes[1][:3], source, cpu, measured=True)
+            links[name] = Link(name, *regimes[0][:3], source, cpu, large, LARGE_FROM, measured=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path}: not a netbench.py JSON file ({exc})") from None
     return links
@@ -578,12 +585,14 @@ def unexplained_wait(profile, cluster, algorithm="mpich"):
     interpreter's lock) is no transfer, so it does not change with the link:
     it is kept, per step (allreduce) or per sync (localsgd), at every rank
     count above 1. Never negative: a model that costs the run's communication
-    above its measured wait has nothing to add.
+    above its measured wait has nothing to add. Only on a measured link
+    (``Link.measured``, from netbench): an assumed link (a preset's) cannot
+    tell the run's transfers from its lags, so nothing is kept there.
     """
     p = profile
-    if p.measured_wait_s is None or p.world_size < 2:
-        return 0.0
     own = replace(cluster, ranks_per_node=p.ranks_per_node)
+    if p.measured_wait_s is None or p.world_size < 2 or not _nodes_link(p.world_size, own).measured:
+        return 0.0
     over = own.oversubscription(p.world_size)
     if p.strategy == "localsgd":
         modelled = allreduce_time(p.n_params * p.value_bytes, p.world_size, own, algorithm) * _copy_stretch(
