@@ -32,6 +32,11 @@ Each operation is timed on its own; ``seconds`` is the median over ``--trials`` 
 (the slowest rank's, for the allreduce), ``min_seconds`` the fastest. The fit uses the
 median: what a training step typically pays (the minimum of batch means, used before,
 favours the luckiest batch). On a shared 2-core box treat them as indicative.
+
+``--busy-us US`` measures the link as training loads it: US microseconds of 1-thread
+compute before every timed message (untimed), after a few seconds of such traffic. A link
+whose transfers are the kernel's or the cores' work (shared memory, the emulated veths)
+can cost more then; a NIC with its own engine mostly doesn't. The JSON records ``busy_us``.
 """
 
 from __future__ import annotations
@@ -54,19 +59,26 @@ DEFAULT_SIZES = [n for n in DEFAULT_SIZES if n <= 16 * 2**20] + [16 * 2**20]
 DEFAULT_SIZES = sorted(set(DEFAULT_SIZES))
 
 
+LOADED_WARMUP_S = 3.0   # seconds of busy + 512 KB allreduces before a --busy-us measurement
+
+
 def reps_for(n):
     return max(3, min(400, int(2e6 / max(n, 1e3))))      # ~2 MB per batch, 3..400 round trips
 
 
 # --------------------------------------------------------------------------- measuring (under MPI)
-def _timed(comm, op, reps, trials):
-    """Seconds of each call of ``op()`` after a warm-up batch: ``trials`` batches of ``reps``, each after a barrier."""
+def _timed(comm, op, reps, trials, busy):
+    """Seconds of each call of ``op()`` after a warm-up batch: ``trials`` batches of ``reps``, each after a barrier.
+
+    ``busy()`` runs, untimed, before every call: the compute a training step puts between its messages.
+    """
     from mpi4py import MPI
 
     times = []
     for trial in range(trials + 1):                  # trial 0 warms up
         comm.Barrier()
         for _ in range(reps):
+            busy()
             t0 = MPI.Wtime()
             op()
             if trial:
@@ -74,11 +86,36 @@ def _timed(comm, op, reps, trials):
     return np.array(times)
 
 
-def measure(comm, sizes, trials):
+def busy_for(seconds):
+    """A callable that keeps this core computing for ``seconds``: 1-thread GEMMs of an MLP layer's shapes.
+
+    Back-to-back messages are not what training sends: between two of its messages a core
+    computes, and then the same transfer can cost more. On the emulated TCP link (veths, the
+    Intel machine) a 407 KB allreduce took 137-144 us back to back, in 12 blocks of 300, and
+    290-390 us once 600 us of GEMMs ran before each, from the second block on (nstat: TCP
+    fast retransmits after reordering), which is what the MLP's training paid (360 us a step).
+    ``seconds <= 0``: nothing.
+    """
+    if seconds <= 0:
+        return lambda: None
+    from mpi4py import MPI
+
+    x = np.random.default_rng(0).random((100, 784), dtype=np.float32)
+    w = np.random.default_rng(1).random((784, 128), dtype=np.float32)
+
+    def busy():
+        t0 = MPI.Wtime()
+        while MPI.Wtime() - t0 < seconds:
+            x @ w
+    return busy
+
+
+def measure(comm, sizes, trials, busy_s=0.0):
     """Per size: the median one-way p2p time and the median allreduce time (the slowest rank's), and their minima."""
     from mpi4py import MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
+    busy = busy_for(busy_s)
 
     def ping_pong():                                  # between ranks 0 and 1; one way = round trip / 2
         if rank == 0:
@@ -88,16 +125,23 @@ def measure(comm, sizes, trials):
             comm.Recv(b, source=0, tag=7)
             comm.Send(a, dest=0, tag=7)
 
+    if busy_s > 0:   # the link's loaded state takes a few seconds of training-like traffic to set in
+        a = np.ones(2**17, np.float32)
+        b = np.empty_like(a)
+        t_end = MPI.Wtime() + LOADED_WARMUP_S
+        while comm.bcast(MPI.Wtime() < t_end, root=0):
+            busy()
+            comm.Allreduce(a, b, op=MPI.SUM)
     rows = []
     for n in sizes:
         count = max(1, n // 4)                            # float32 elements
         a = np.ones(count, np.float32)
         b = np.empty_like(a)
-        reps = reps_for(n)
-        times = _timed(comm, ping_pong, reps, trials) / 2
+        reps = reps_for(n) if busy_s <= 0 else min(reps_for(n), 100)   # busy reps cost busy_s each
+        times = _timed(comm, ping_pong, reps, trials, busy) / 2
         med, low = comm.bcast((float(np.median(times)), float(np.min(times))), root=0)
         rows.append({"op": "p2p", "bytes": count * 4, "seconds": med, "min_seconds": low, "reps": reps * trials})
-        times = _timed(comm, lambda: comm.Allreduce(a, b, op=MPI.SUM), reps, trials)
+        times = _timed(comm, lambda: comm.Allreduce(a, b, op=MPI.SUM), reps, trials, busy)
         med = comm.allreduce(float(np.median(times)), op=MPI.MAX)
         low = comm.allreduce(float(np.min(times)), op=MPI.MAX)
         rows.append({"op": "allreduce", "bytes": count * 4, "seconds": med, "min_seconds": low,
@@ -130,14 +174,17 @@ def rank_main(args):
     if comm.Get_size() < 2:
         sys.exit("netbench: needs 2 ranks or more (mpirun -n 2 / srun -n 2)")
     hosts = comm.allgather(MPI.Get_processor_name())
-    rows = measure(comm, args.sizes, args.trials)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)                                  # one BLAS thread a rank, as mlpcore pins them
+    rows = measure(comm, args.sizes, args.trials, args.busy_us * 1e-6)
     if comm.Get_rank() != 0:
         return 0
     p = comm.Get_size()
     link = args.link or ("shm" if hosts[0] == hosts[1] else "inter-node")
     result = {"link": link, "ranks": p, "hosts": hosts, "mpi": MPI.Get_library_version().splitlines()[0],
               "env": {k: os.environ[k] for k in ("UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER") if k in os.environ},
-              "fit": fit(rows, p), "measurements": rows}
+              "busy_us": args.busy_us, "fit": fit(rows, p), "measurements": rows}
     text = json.dumps({"links": {link: result}}, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -164,7 +211,7 @@ def emulate_main(args):
     import netns_cluster as nc
 
     python = args.python or sys.executable
-    me = [python, str(Path(__file__).resolve()), "--trials", str(args.trials),
+    me = [python, str(Path(__file__).resolve()), "--trials", str(args.trials), "--busy-us", str(args.busy_us),
           "--sizes", ",".join(map(str, args.sizes))]
     links = {}
     with nc.EmulatedCluster(nodes=2) as cluster:
@@ -205,10 +252,16 @@ def main(argv=None):
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_SIZES,
                     help="message sizes in bytes, comma-separated (default 8 B .. 16 MiB)")
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--busy-us", type=float, default=0, metavar="US",
+                    help="compute this long (1-thread GEMMs, untimed) before every timed message, as a "
+                         "training step does between its messages, after %g s of such traffic; "
+                         "default 0: back to back" % LOADED_WARMUP_S)
     ap.add_argument("--timeout", type=float, default=300, help="--emulate: seconds per run")
     ap.add_argument("--shape", metavar="RATE", help="--emulate: shape the TCP link with tc tbf (e.g. 1gbit)")
     ap.add_argument("--python", help="--emulate: interpreter for the ranks (default: this one)")
     args = ap.parse_args(argv)
+    if args.busy_us < 0:
+        ap.error(f"--busy-us must be >= 0, got {args.busy_us}")
     if args.trials < 1:
         ap.error(f"--trials must be >= 1, got {args.trials}")
     return emulate_main(args) if args.emulate else rank_main(args)

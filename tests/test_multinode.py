@@ -330,12 +330,17 @@ def test_fault_on_one_node_ends_the_job(nodes, tmp_path, fault):
 # ------------------------------------------------------------------------------- netbench
 @pytest.mark.timeout(120)
 def test_netbench_fits_the_tcp_link(nodes, tmp_path):
-    """scripts/netbench.py under MPI on 2 nodes x 1 rank (a few sizes): a fit with residuals."""
+    """scripts/netbench.py under MPI on 2 nodes x 1 rank (a few sizes): a fit with residuals.
+
+    With ``--busy-us`` (compute before every message, as training has), and the flag recorded.
+    """
     out = tmp_path / "nb.json"
     run = nodes.mpirun([PYTHON, REPO / "scripts" / "netbench.py", "--sizes", "8,4096,262144,4194304",
-                        "--trials", "1", "--link", "tcp", "--out", out], ppn=1, timeout=90, env=mpi_env())
+                        "--trials", "1", "--busy-us", "100", "--link", "tcp", "--out", out], ppn=1, timeout=90,
+                       env=mpi_env())
     assert run.returncode == 0, run.output
     link = json.loads(out.read_text())["links"]["tcp"]
+    assert link["busy_us"] == 100, link
     assert link["hosts"] == ["node0", "node1"] and link["env"]["UCX_TLS"] == "tcp,self", link
     f = link["fit"]
     assert f["alpha_s"] > 0 and f["beta_s_per_byte"] > 0, f

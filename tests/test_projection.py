@@ -254,6 +254,13 @@ def test_project_py_prints_the_table_and_writes_json(runs, tmp_path):
     assert rc != 0 and "no readable results.json" in stderr
 
 
+@pytest.mark.parametrize("flag, message", [(["--busy-us", "-1"], "--busy-us must be >= 0"),
+                                           (["--trials", "0"], "--trials must be >= 1")])
+def test_netbench_refuses_bad_input_before_any_mpi(flag, message):
+    rc, stdout, stderr, _ = run_command([PYTHON, REPO / "scripts" / "netbench.py", *flag], timeout=60)
+    assert rc == 2 and message in stderr, stdout + stderr
+
+
 @pytest.mark.timeout(600)
 def test_a_small_validation_on_two_emulated_nodes(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
