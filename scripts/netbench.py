@@ -36,7 +36,7 @@ favours the luckiest batch). On a shared 2-core box treat them as indicative.
 ``--busy-us US`` measures the link as training loads it: US microseconds of 1-thread
 compute before every timed message (untimed), after a few seconds of such traffic. A link
 whose transfers are the kernel's or the cores' work (shared memory, the emulated veths)
-can cost more then; a NIC with its own engine mostly doesn't. The JSON records ``busy_us``.
+can cost more then; a NIC with its own engine mostly doesn't. The JSON records ``busy_us`` and the BLAS threads pinned (1).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from mlpcore.parallel.blas import pin_blas_threads  # noqa: E402
 from mlpcore.study.projection import fit_alpha_beta_gamma  # noqa: E402
 DEFAULT_SIZES = [8 * 4**k for k in range(12)]   # 8 B .. 32 MiB; trimmed to <= 16 MiB below
 DEFAULT_SIZES = [n for n in DEFAULT_SIZES if n <= 16 * 2**20] + [16 * 2**20]
@@ -126,12 +127,11 @@ def measure(comm, sizes, trials, busy_s=0.0):
             comm.Send(a, dest=0, tag=7)
 
     if busy_s > 0:   # the link's loaded state takes a few seconds of training-like traffic to set in
-        a = np.ones(2**17, np.float32)
-        b = np.empty_like(a)
+        grad, summed = np.ones(2**17, np.float32), np.empty(2**17, np.float32)
         t_end = MPI.Wtime() + LOADED_WARMUP_S
         while comm.bcast(MPI.Wtime() < t_end, root=0):
             busy()
-            comm.Allreduce(a, b, op=MPI.SUM)
+            comm.Allreduce(grad, summed, op=MPI.SUM)
     rows = []
     for n in sizes:
         count = max(1, n // 4)                            # float32 elements
@@ -174,9 +174,7 @@ def rank_main(args):
     if comm.Get_size() < 2:
         sys.exit("netbench: needs 2 ranks or more (mpirun -n 2 / srun -n 2)")
     hosts = comm.allgather(MPI.Get_processor_name())
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)                                  # one BLAS thread a rank, as mlpcore pins them
+    blas_threads = pin_blas_threads(1)                    # one BLAS thread a rank, as mlpcore pins them
     rows = measure(comm, args.sizes, args.trials, args.busy_us * 1e-6)
     if comm.Get_rank() != 0:
         return 0
@@ -184,7 +182,7 @@ def rank_main(args):
     link = args.link or ("shm" if hosts[0] == hosts[1] else "inter-node")
     result = {"link": link, "ranks": p, "hosts": hosts, "mpi": MPI.Get_library_version().splitlines()[0],
               "env": {k: os.environ[k] for k in ("UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER") if k in os.environ},
-              "busy_us": args.busy_us, "fit": fit(rows, p), "measurements": rows}
+              "busy_us": args.busy_us, "blas_threads": blas_threads, "fit": fit(rows, p), "measurements": rows}
     text = json.dumps({"links": {link: result}}, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

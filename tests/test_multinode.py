@@ -340,7 +340,7 @@ def test_netbench_fits_the_tcp_link(nodes, tmp_path):
                        env=mpi_env())
     assert run.returncode == 0, run.output
     link = json.loads(out.read_text())["links"]["tcp"]
-    assert link["busy_us"] == 100, link
+    assert link["busy_us"] == 100 and link["blas_threads"] == 1, link
     assert link["hosts"] == ["node0", "node1"] and link["env"]["UCX_TLS"] == "tcp,self", link
     f = link["fit"]
     assert f["alpha_s"] > 0 and f["beta_s_per_byte"] > 0, f
