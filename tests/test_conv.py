@@ -321,18 +321,46 @@ def test_relu_fused_into_the_pool_is_relu_then_pool(kernels):
 
 def test_unflatten_and_flatten_are_inverse_transposes():
     for kernels in KERNELS:
-        unflatten, flatten = Unflatten(4, 3, 2), Flatten()
+        unflatten = Unflatten(4, 3, 2)
+        flatten = Flatten(unflatten)
         for layer in (unflatten, flatten):
             layer.build(np.float64, get_kernels(kernels))
         X = np.random.default_rng(0).normal(size=(5, 24))
         images = unflatten(X)
-        assert images.shape == (4, 3, 2, 5)
-        np.testing.assert_array_equal(images[1, 2, 0], X[:, (1 * 3 + 2) * 2 + 0])
+        assert images.shape == (4, 3, 2, 8)  # 5 samples in 8 lanes, the spare ones zero
+        np.testing.assert_array_equal(images[1, 2, 0, :5], X[:, (1 * 3 + 2) * 2 + 0])
+        assert not images[..., 5:].any()
+        images[..., 5:] = 7.0  # what layers in between compute in the spare lanes is dropped
         rows = flatten(images)
         np.testing.assert_array_equal(rows, X)
         back = drive(flatten.backward(rows * 2))[1]
-        np.testing.assert_array_equal(back, images * 2)
+        np.testing.assert_array_equal(back[..., :5], images[..., :5] * 2)
+        assert not back[..., 5:].any()  # the spare lanes get no gradient
         np.testing.assert_array_equal(drive(unflatten.backward(back))[1], X * 2)
+        # without an Unflatten to ask, every lane is a sample
+        assert Flatten().out_shape((4, 3, 2)) == (24,)
+        alone = Flatten()
+        alone.build(np.float64, get_kernels(kernels))
+        assert alone(images).shape == (8, 24)
+    with pytest.raises(ValueError, match="lane_multiple"):
+        Unflatten(4, 3, 2, lane_multiple=0)
+
+
+def test_padded_lanes_change_no_sample():
+    """A batch in 8 lanes (5 samples) and the same batch unpadded (5 lanes): the same probabilities,
+    and the same gradients up to the order the lanes are summed in."""
+    from mlpcore.nn.model import Sequential
+
+    rng = np.random.default_rng(2)
+    X, y = rng.random((5, 784)), rng.integers(0, 10, 5)
+    padded, unpadded = (Sequential(lenet5_layers(), dtype=np.float64, rng=np.random.default_rng(1)) for _ in "ab")
+    unpadded.layers[0].lane_multiple = 1
+    p_padded, p_unpadded = padded.forward(X).copy(), unpadded.forward(X).copy()
+    assert padded.layers[1]._shape[-1] == 8 and unpadded.layers[1]._shape[-1] == 5
+    np.testing.assert_array_equal(p_padded, p_unpadded)
+    padded.gradient(X, y)
+    unpadded.gradient(X, y)
+    np.testing.assert_allclose(padded.grads, unpadded.grads, rtol=1e-12, atol=1e-15)
 
 
 # -- the whole LeNet-5 -----------------------------------------------------------------------
@@ -487,8 +515,7 @@ def test_predict_proba_in_chunks(kernels):
     assert model.predict_proba(X[:0]).shape == (0, 10)
     # Workspaces stay small: every buffer the layers hold (forward only: backward buffers are made by
     # the first backward of a batch size), for the four batch sizes above together, under 64 MB.
-    layers = [vars(layer) for layer in model.layers]  # without the (shared) kernels
-    held = sum(a.nbytes for a in float_arrays([{k: v for k, v in d.items() if k != "kernels"} for d in layers]))
+    held = sum(a.nbytes for a in float_arrays(model.layers, seen={id(model.kernels)}))  # without the shared kernels
     assert held < 64e6, held
 
 

@@ -179,6 +179,34 @@ FUNCTIONS = {"gather_scaled": gather_scaled, "bias_add": bias_add, "relu": relu,
 
 
 @inline
+def _conv_fwd_4x5(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0, b1, b2, b3):
+    # out[oh, ow, co..co+3] = (b if init else out) + 5 taps k..k+4 of kernel row kh, left to right
+    c0, c1, c2, c3, c4 = (taps[co, kh, k], taps[co, kh, k + 1], taps[co, kh, k + 2], taps[co, kh, k + 3],
+                          taps[co, kh, k + 4])
+    d0, d1, d2, d3, d4 = (taps[co + 1, kh, k], taps[co + 1, kh, k + 1], taps[co + 1, kh, k + 2],
+                          taps[co + 1, kh, k + 3], taps[co + 1, kh, k + 4])
+    e0, e1, e2, e3, e4 = (taps[co + 2, kh, k], taps[co + 2, kh, k + 1], taps[co + 2, kh, k + 2],
+                          taps[co + 2, kh, k + 3], taps[co + 2, kh, k + 4])
+    f0, f1, f2, f3, f4 = (taps[co + 3, kh, k], taps[co + 3, kh, k + 1], taps[co + 3, kh, k + 2],
+                          taps[co + 3, kh, k + 3], taps[co + 3, kh, k + 4])
+    i = r + k
+    if init:
+        for n in range(out.shape[3]):
+            a0, a1, a2, a3, a4 = X[xh, i, n], X[xh, i + 1, n], X[xh, i + 2, n], X[xh, i + 3, n], X[xh, i + 4, n]
+            out[oh, ow, co, n] = b0 + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3 + c4 * a4
+            out[oh, ow, co + 1, n] = b1 + d0 * a0 + d1 * a1 + d2 * a2 + d3 * a3 + d4 * a4
+            out[oh, ow, co + 2, n] = b2 + e0 * a0 + e1 * a1 + e2 * a2 + e3 * a3 + e4 * a4
+            out[oh, ow, co + 3, n] = b3 + f0 * a0 + f1 * a1 + f2 * a2 + f3 * a3 + f4 * a4
+    else:
+        for n in range(out.shape[3]):
+            a0, a1, a2, a3, a4 = X[xh, i, n], X[xh, i + 1, n], X[xh, i + 2, n], X[xh, i + 3, n], X[xh, i + 4, n]
+            out[oh, ow, co, n] = out[oh, ow, co, n] + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3 + c4 * a4
+            out[oh, ow, co + 1, n] = out[oh, ow, co + 1, n] + d0 * a0 + d1 * a1 + d2 * a2 + d3 * a3 + d4 * a4
+            out[oh, ow, co + 2, n] = out[oh, ow, co + 2, n] + e0 * a0 + e1 * a1 + e2 * a2 + e3 * a3 + e4 * a4
+            out[oh, ow, co + 3, n] = out[oh, ow, co + 3, n] + f0 * a0 + f1 * a1 + f2 * a2 + f3 * a3 + f4 * a4
+
+
+@inline
 def _conv_fwd_2x5(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0, b1):
     # out[oh, ow, co(+1)] = (b if init else out) + 5 taps k..k+4 of kernel row kh, left to right
     c0, c1, c2, c3, c4 = (taps[co, kh, k], taps[co, kh, k + 1], taps[co, kh, k + 2], taps[co, kh, k + 3],
@@ -229,7 +257,7 @@ def _conv_fwd_1x1(out, oh, ow, co, X, xh, r, taps, kh, k, init, b0):
 @jit
 def conv2d_forward(x, w, b, out, lo, hi):
     # out[oh, ow, co] = b[co] + sum over (kh, kw, ci), in that order, of w[co, kh, kw, ci] * x[oh+kh, ow+kw, ci].
-    # Pairs of output channels share each loaded input row; taps go five at a time.
+    # Four output channels (then pairs) share each loaded input row; taps go five at a time.
     Ho, Wo, Cout, N = out.shape
     Cin = x.shape[2]
     KH, T = w.shape[1], w.shape[2] * w.shape[3]
@@ -241,6 +269,18 @@ def conv2d_forward(x, w, b, out, lo, hi):
             for kh in range(KH):
                 init = kh == 0
                 co = 0
+                while co + 4 <= Cout:
+                    k = 0
+                    while k + 5 <= T:
+                        _conv_fwd_4x5(out, oh, ow, co, X, oh + kh, r, taps, kh, k, init and k == 0,
+                                      b[co], b[co + 1], b[co + 2], b[co + 3])
+                        k += 5
+                    while k < T:
+                        _conv_fwd_2x1(out, oh, ow, co, X, oh + kh, r, taps, kh, k, init and k == 0, b[co], b[co + 1])
+                        _conv_fwd_2x1(out, oh, ow, co + 2, X, oh + kh, r, taps, kh, k, init and k == 0,
+                                      b[co + 2], b[co + 3])
+                        k += 1
+                    co += 4
                 while co + 2 <= Cout:
                     k = 0
                     while k + 5 <= T:
