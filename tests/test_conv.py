@@ -185,6 +185,7 @@ CONV_CASES = [  # (H, W, Cin, Cout, (KH, KW), pad, n)
     (7, 5, 3, 5, (3, 2), 1, 2),   # odd channels and taps: the weight-gradient kernel's spare rows
     (8, 8, 1, 6, (5, 5), 2, 2),   # LeNet's first conv, smaller
     (9, 9, 6, 3, (5, 5), 0, 1),
+    (9, 7, 1, 3, (5, 5), 1, 3),   # one input channel, 5-wide rows: the first conv's weight-gradient kernel
 ]
 
 
@@ -550,6 +551,11 @@ def test_numba_kernels_on_threads_are_bitwise_one_thread(pair, threads):
              ("channels_first", (g, np.empty((5, 14, 14, 11), np.float32))),
              ("to_lanes", (X, np.empty((50, 37), np.float32))),
              ("from_lanes", (X.T.copy(), np.empty((37, 50), np.float32)))]
+    x1 = rng.normal(size=(17, 18, 1, 11)).astype(np.float32)  # one channel, 5-wide rows (LeNet's first conv)
+    g1 = rng.normal(size=(13, 14, 6, 11)).astype(np.float32)
+    calls.append(("conv2d_backward_weight", (g1, x1, np.empty((6, 26, 11), np.float32), np.empty((6, 11), np.float32),
+                                             np.empty((6, 5, 5, 1), np.float32), np.empty(6, np.float32))))
+    numba_kernels.LIGHT_SPLIT_VALUES = 0  # split even these small arrays
     try:
         for name, args in calls:
             results = []
@@ -564,3 +570,4 @@ def test_numba_kernels_on_threads_are_bitwise_one_thread(pair, threads):
                     assert np.array_equal(a, c, equal_nan=True), name
     finally:
         numba_kernels.set_threads(1)
+        del numba_kernels.LIGHT_SPLIT_VALUES

@@ -491,15 +491,8 @@ def conv2d_backward_weight(g, x, P, Pb, dw, db, lo, hi, with_bias):
     U = KH * T
     pairs = P.shape[1] // 2
     X = x.reshape(x.shape[0], x.shape[1] * Cin, N)
-    for c in range(Cout if with_bias else 0):
-        for oh in range(Ho):
-            ow = 0
-            while ow + 4 <= Wo:
-                _conv_db_4(Pb, c, g, oh, ow, oh == 0 and ow == 0)
-                ow += 4
-            while ow < Wo:
-                _conv_db_1(Pb, c, g, oh, ow, oh == 0 and ow == 0)
-                ow += 1
+    if with_bias:
+        _bias_partials(g, Pb)
     for oh in range(Ho):
         for item in range(lo, hi):
             c, s = 2 * (item // pairs), 2 * (item % pairs)
@@ -530,9 +523,88 @@ def conv2d_backward_weight(g, x, P, Pb, dw, db, lo, hi, with_bias):
         fold_lanes(Pb, db)
 
 
+@inline
+def _conv_dw_row5(P, c, s, g, oh, ow, X, h, npos, init):
+    # One grey input channel and 5-wide kernel rows: per lane, P[c, s..s+4] (the five taps of one kernel
+    # row, image row h) += npos (4 or 1) positions ow.. of g[oh, ., c] * x, left to right. The taps of
+    # a row are neighbouring pixels, so the positions' pixels are loaded once for all five.
+    if npos == 4:
+        if init:
+            zero = P.dtype.type(0)
+            for n in range(P.shape[2]):
+                a0, a1, a2, a3 = g[oh, ow, c, n], g[oh, ow + 1, c, n], g[oh, ow + 2, c, n], g[oh, ow + 3, c, n]
+                x0, x1, x2, x3 = X[h, ow, n], X[h, ow + 1, n], X[h, ow + 2, n], X[h, ow + 3, n]
+                x4, x5, x6, x7 = X[h, ow + 4, n], X[h, ow + 5, n], X[h, ow + 6, n], X[h, ow + 7, n]
+                P[c, s, n] = zero + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                P[c, s + 1, n] = zero + a0 * x1 + a1 * x2 + a2 * x3 + a3 * x4
+                P[c, s + 2, n] = zero + a0 * x2 + a1 * x3 + a2 * x4 + a3 * x5
+                P[c, s + 3, n] = zero + a0 * x3 + a1 * x4 + a2 * x5 + a3 * x6
+                P[c, s + 4, n] = zero + a0 * x4 + a1 * x5 + a2 * x6 + a3 * x7
+        else:
+            for n in range(P.shape[2]):
+                a0, a1, a2, a3 = g[oh, ow, c, n], g[oh, ow + 1, c, n], g[oh, ow + 2, c, n], g[oh, ow + 3, c, n]
+                x0, x1, x2, x3 = X[h, ow, n], X[h, ow + 1, n], X[h, ow + 2, n], X[h, ow + 3, n]
+                x4, x5, x6, x7 = X[h, ow + 4, n], X[h, ow + 5, n], X[h, ow + 6, n], X[h, ow + 7, n]
+                P[c, s, n] = P[c, s, n] + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                P[c, s + 1, n] = P[c, s + 1, n] + a0 * x1 + a1 * x2 + a2 * x3 + a3 * x4
+                P[c, s + 2, n] = P[c, s + 2, n] + a0 * x2 + a1 * x3 + a2 * x4 + a3 * x5
+                P[c, s + 3, n] = P[c, s + 3, n] + a0 * x3 + a1 * x4 + a2 * x5 + a3 * x6
+                P[c, s + 4, n] = P[c, s + 4, n] + a0 * x4 + a1 * x5 + a2 * x6 + a3 * x7
+    else:
+        if init:
+            zero = P.dtype.type(0)
+            for n in range(P.shape[2]):
+                a0 = g[oh, ow, c, n]
+                x0, x1, x2, x3, x4 = X[h, ow, n], X[h, ow + 1, n], X[h, ow + 2, n], X[h, ow + 3, n], X[h, ow + 4, n]
+                P[c, s, n] = zero + a0 * x0
+                P[c, s + 1, n] = zero + a0 * x1
+                P[c, s + 2, n] = zero + a0 * x2
+                P[c, s + 3, n] = zero + a0 * x3
+                P[c, s + 4, n] = zero + a0 * x4
+        else:
+            for n in range(P.shape[2]):
+                a0 = g[oh, ow, c, n]
+                x0, x1, x2, x3, x4 = X[h, ow, n], X[h, ow + 1, n], X[h, ow + 2, n], X[h, ow + 3, n], X[h, ow + 4, n]
+                P[c, s, n] = P[c, s, n] + a0 * x0
+                P[c, s + 1, n] = P[c, s + 1, n] + a0 * x1
+                P[c, s + 2, n] = P[c, s + 2, n] + a0 * x2
+                P[c, s + 3, n] = P[c, s + 3, n] + a0 * x3
+                P[c, s + 4, n] = P[c, s + 4, n] + a0 * x4
+
+
 @jit
-def conv2d_bias_grad(g, Pb, db):
-    # The bias gradient alone: Pb[co] = 0 + sum over positions of g[oh, ow, co], per lane, folded into db.
+def conv2d_backward_weight_row5(g, x, P, Pb, dw, db, lo, hi, with_bias):
+    # conv2d_backward_weight for one input channel and 5-wide kernels (LeNet's first conv), the same sums
+    # in the same order: work items lo..hi-1 are (channel, kernel row) blocks, item = channel * KH + kh,
+    # each the five taps of that row. A pass loads 8 pixels and 4 gradients for 20 products, where the
+    # generic kernel loads 16 for 16.
+    Ho, Wo, Cout, N = g.shape
+    KH = dw.shape[1]
+    X = x.reshape(x.shape[0], x.shape[1], N)
+    if with_bias:
+        _bias_partials(g, Pb)
+    for oh in range(Ho):
+        for item in range(lo, hi):
+            c, kh = item // KH, item % KH
+            s = 5 * kh
+            ow = 0
+            while ow + 4 <= Wo:
+                _conv_dw_row5(P, c, s, g, oh, ow, X, oh + kh, 4, oh == 0 and ow == 0)
+                ow += 4
+            while ow < Wo:
+                _conv_dw_row5(P, c, s, g, oh, ow, X, oh + kh, 1, oh == 0 and ow == 0)
+                ow += 1
+    for item in range(lo, hi):
+        c, kh = item // KH, item % KH
+        flat = dw[c].reshape(-1)
+        fold_lanes(P[c, 5 * kh:5 * kh + 5], flat[5 * kh:5 * kh + 5])
+    if with_bias:
+        fold_lanes(Pb, db)
+
+
+@inline
+def _bias_partials(g, Pb):
+    # Pb[co] = 0 + sum over positions (oh, ow), in order, of g[oh, ow, co], per lane.
     Ho, Wo, Cout, N = g.shape
     for c in range(Cout):
         for oh in range(Ho):
@@ -543,6 +615,12 @@ def conv2d_bias_grad(g, Pb, db):
             while ow < Wo:
                 _conv_db_1(Pb, c, g, oh, ow, oh == 0 and ow == 0)
                 ow += 1
+
+
+@jit
+def conv2d_bias_grad(g, Pb, db):
+    # The bias gradient alone: Pb[co] = 0 + sum over positions of g[oh, ow, co], per lane, folded into db.
+    _bias_partials(g, Pb)
     fold_lanes(Pb, db)
 
 
@@ -682,7 +760,8 @@ def from_lanes(x, out, lo, hi):
 
 
 FUNCTIONS.update({"conv2d_forward": conv2d_forward, "conv2d_backward_input": conv2d_backward_input,
-                  "conv2d_backward_weight": conv2d_backward_weight, "fold_lanes": fold_lanes,
+                  "conv2d_backward_weight": conv2d_backward_weight,
+                  "conv2d_backward_weight_row5": conv2d_backward_weight_row5, "fold_lanes": fold_lanes,
                   "maxpool_forward": maxpool_forward, "maxpool_backward": maxpool_backward,
                   "to_lanes": to_lanes, "from_lanes": from_lanes, "conv2d_bias_grad": conv2d_bias_grad,
                   "im2col_lanes": im2col_lanes, "channels_first": channels_first})

@@ -397,13 +397,22 @@ class NumbaKernels:
         """Threads the convolutional kernels split their work over (1: the calling thread only)."""
         self.threads = max(1, int(n))
 
-    def _split(self, fn, args, total, align=1, tail=()):
+    #: A memory-bound kernel (``light``: pools, transposes, im2col) whose arrays hold fewer values
+    #: than this, read and written together, runs on the calling thread: handing shares to the pool
+    #: costs more than it saves. Measured at LeNet-5's shapes, batch 200, 2 threads: the second pool
+    #: (560,000 values in its backward) 80 -> 175 us and the Flatten 68 -> 155 us when split; the
+    #: first pool (1.4 M values) 234 -> 186 us.
+    LIGHT_SPLIT_VALUES = 1_000_000
+
+    def _split(self, fn, args, total, align=1, tail=(), light=False):
         """``fn(*args, lo, hi, *tail)`` over shares of ``range(total)`` (bounds multiples of ``align``).
 
         The last share runs on the calling thread; ``tail`` holds extra arguments for each share,
-        as a function of whether the share is the last one.
+        as a function of whether the share is the last one. ``light``: see :data:`LIGHT_SPLIT_VALUES`.
         """
         k = min(self.threads, max(1, total // align))
+        if light and k > 1 and sum(a.size for a in args if isinstance(a, np.ndarray)) < self.LIGHT_SPLIT_VALUES:
+            k = 1
         if k <= 1:
             fn(*args, 0, total, *(tail(True) if tail else ()))
             return
@@ -419,10 +428,10 @@ class NumbaKernels:
             future.result()
 
     def to_lanes(self, X, out):
-        self._split(self._fns["to_lanes"], (X, out), out.shape[0], align=16)
+        self._split(self._fns["to_lanes"], (X, out), out.shape[0], align=16, light=True)
 
     def from_lanes(self, x, out):
-        self._split(self._fns["from_lanes"], (x, out), out.shape[0], align=16)
+        self._split(self._fns["from_lanes"], (x, out), out.shape[0], align=16, light=True)
 
     def conv2d_forward(self, x, w, b, out):
         self._split(self._fns["conv2d_forward"], (x, w, b, out), out.shape[0])
@@ -434,24 +443,27 @@ class NumbaKernels:
         self._fns["fold_lanes"](P, out)
 
     def conv2d_backward_weight(self, g, x, P, Pb, dw, db):
-        blocks = (dw.shape[0] + 1) // 2 * (P.shape[1] // 2)  # (channel pair, tap pair) blocks
-        self._split(self._fns["conv2d_backward_weight"], (g, x, P, Pb, dw, db), blocks,
+        if x.shape[2] == 1 and dw.shape[2] == 5:  # one input channel, 5-wide rows: (channel, row) blocks
+            fn, blocks = self._fns["conv2d_backward_weight_row5"], dw.shape[0] * dw.shape[1]
+        else:  # (channel pair, tap pair) blocks
+            fn, blocks = self._fns["conv2d_backward_weight"], (dw.shape[0] + 1) // 2 * (P.shape[1] // 2)
+        self._split(fn, (g, x, P, Pb, dw, db), blocks,
                     tail=lambda last: (last,))  # the calling thread's share also does the bias
 
     def conv2d_bias_grad(self, g, Pb, db):
         self._fns["conv2d_bias_grad"](g, Pb, db)
 
     def im2col_lanes(self, x, col):
-        self._split(self._fns["im2col_lanes"], (x, col), col.shape[0])
+        self._split(self._fns["im2col_lanes"], (x, col), col.shape[0], light=True)
 
     def channels_first(self, g, out):
-        self._split(self._fns["channels_first"], (g, out), g.shape[0])
+        self._split(self._fns["channels_first"], (g, out), g.shape[0], light=True)
 
     def maxpool_forward(self, x, out, idx, relu=False):
-        self._split(self._fns["maxpool_forward"], (x, out, idx, bool(relu)), out.shape[0])
+        self._split(self._fns["maxpool_forward"], (x, out, idx, bool(relu)), out.shape[0], light=True)
 
     def maxpool_backward(self, g, idx, pooled, relu, dx):
-        self._split(self._fns["maxpool_backward"], (g, idx, pooled, bool(relu), dx), dx.shape[0])
+        self._split(self._fns["maxpool_backward"], (g, idx, pooled, bool(relu), dx), dx.shape[0], light=True)
 
 
 _CACHE = {}
