@@ -424,6 +424,15 @@ def test_conv_kernels_are_bitwise_the_reference(pair, dtype, H, W, Cin, Cout, k,
     both(pair, "conv2d_backward_input", g, wt, np.empty((H, W, Cin, n), dtype), pad)
     both(pair, "conv2d_bias_grad", g, np.empty((Cout, n), dtype), np.empty_like(b))
     both(pair, "im2col_lanes", xp, np.empty((KH, KW, Cin, Ho, Wo, n), dtype))
+    gT = np.ascontiguousarray(g.transpose(2, 0, 1, 3))
+    dWT = both(pair, "conv2d_weight_grad_gemm", xp, gT, np.empty((Ho, KH, KW, Cin, 1, Wo, n), dtype),
+               np.empty((Ho, U, Cout), dtype), np.empty((U, Cout), dtype))[4]
+    # the same weight gradient as the direct kernel, up to the order of the sums
+    direct = np.empty_like(w)
+    pair[0].conv2d_backward_weight(g, xp, np.empty((Cout + Cout % 2, U + U % 2, n), dtype), np.empty((Cout, n), dtype),
+                                   direct, np.empty_like(b))
+    np.testing.assert_allclose(dWT.T.reshape(w.shape), direct, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=1e-4 if dtype == np.float32 else 1e-10)
     both(pair, "channels_first", g, np.empty((Cout, Ho, Wo, n), dtype))
 
 
@@ -555,6 +564,9 @@ def test_numba_kernels_on_threads_are_bitwise_one_thread(pair, threads):
     g1 = rng.normal(size=(13, 14, 6, 11)).astype(np.float32)
     calls.append(("conv2d_backward_weight", (g1, x1, np.empty((6, 26, 11), np.float32), np.empty((6, 11), np.float32),
                                              np.empty((6, 5, 5, 1), np.float32), np.empty(6, np.float32))))
+    gT = np.ascontiguousarray(g.transpose(2, 0, 1, 3))
+    calls.append(("conv2d_weight_grad_gemm", (xp, gT, np.empty((14, 5, 5, 6, 1, 14, 11), np.float32),
+                                              np.empty((14, 150, 5), np.float32), np.empty((150, 5), np.float32))))
     numba_kernels.LIGHT_SPLIT_VALUES = 0  # split even these small arrays
     try:
         for name, args in calls:

@@ -162,9 +162,11 @@ class Conv2d(Layer):
 
     * ``"direct"``: numba loops, summed per lane over the output positions, then
       folded over the lanes (the bitwise twin of the numpy reference);
-    * ``"gemm"``: im2col into ``(kh*kw*in, positions*n)`` and one BLAS product
-      with the output gradient (channels first); the same numpy call under
-      either kernels, so still bitwise the same between them;
+    * ``"gemm"``: im2col + BLAS, an output row at a time: each row's patches
+      ``(kh*kw*in, width*lanes)`` times the output gradient (channels first),
+      the rows' products added in row order
+      (:meth:`~mlpcore.nn.kernels.NumpyKernels.conv2d_weight_grad_gemm`); the
+      same numpy calls under either kernels, so still bitwise the same between them;
     * ``"auto"`` (default): ``"gemm"`` when a filter has at least 64 taps
       (``kh*kw*in``), else ``"direct"``. Measured at LeNet's shapes, batch 200, one
       thread (``scripts/bench_cnn.py``): conv1 (25 taps) direct 3.2x faster than
@@ -233,8 +235,9 @@ class Conv2d(Layer):
             taps = kh * kw * cin
             ho, wo, _ = self.out_shape((h, w, cin))
             if self.weight_grad == "gemm":
-                bufs["col"] = np.empty((kh, kw, cin, ho, wo, n), dtype=f)
+                bufs["col"] = np.empty((ho, kh, kw, cin, 1, wo, n), dtype=f)
                 bufs["gT"] = np.empty((cout, ho, wo, n), dtype=f)
+                bufs["parts"] = np.empty((ho, taps, cout), dtype=f)
                 bufs["dWT"] = np.empty((taps, cout), dtype=f)
             else:
                 bufs["P"] = np.empty((cout + cout % 2, taps + taps % 2, n), dtype=f)
@@ -259,15 +262,13 @@ class Conv2d(Layer):
     def backward(self, grad, chunk=None):
         bufs = self._backward_buffers(self._bufs, self._shape)
         if self.weight_grad == "gemm":
-            col, gT = bufs["col"], bufs["gT"]
-            self.kernels.im2col_lanes(self._x, col)
+            gT, dWT = bufs["gT"], bufs["dWT"]
             self.kernels.channels_first(grad, gT)
-            cout = self.out_channels
-            # dW.T = col @ g.T, then transposed into place: BLAS runs this orientation (150 x 16 out)
-            # 1.6x faster than g @ col.T (16 x 150 out) at conv2's shapes (1.20 vs 1.95 ms at batch 200).
-            dWT = bufs["dWT"]
-            np.dot(col.reshape(dWT.shape[0], -1), gT.reshape(cout, -1).T, out=dWT)
-            np.copyto(self.dW.reshape(cout, -1), dWT.T)
+            # dW.T = sum over output rows of (the row's patches) @ g.T, then transposed into place:
+            # BLAS runs this orientation (150 x 16 out) 1.6x faster than g @ col.T (16 x 150 out)
+            # at conv2's shapes (1.20 vs 1.95 ms at batch 200, as one product).
+            self.kernels.conv2d_weight_grad_gemm(self._x, gT, bufs["col"], bufs["parts"], dWT)
+            np.copyto(self.dW.reshape(self.out_channels, -1), dWT.T)
             self.kernels.conv2d_bias_grad(grad, bufs["Pb"], self.db)
         else:
             self.kernels.conv2d_backward_weight(grad, self._x, bufs["P"], bufs["Pb"], self.dW, self.db)

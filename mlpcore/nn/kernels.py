@@ -261,6 +261,21 @@ class NumpyKernels:
         """``out[c, oh, ow] = g[oh, ow, c]`` (rows of lanes); a copy."""
         np.copyto(out, g.transpose(2, 0, 1, 3))
 
+    def conv2d_weight_grad_gemm(self, x, gT, col, parts, dWT):
+        """The weight gradient by im2col + BLAS, an output row at a time, in a fixed order.
+
+        For each output row ``r``: ``col[r]`` = the patches of that row (:meth:`im2col_lanes` of
+        ``x[r:r+KH]``), then ``parts[r] = col[r] @ gT[:, r].T`` in one BLAS call; then
+        ``dWT = parts[0] + parts[1] + ...`` in row order. ``x`` (Hp, Wp, Cin, lanes) is the padded
+        input, ``gT`` (Cout, Ho, Wo, lanes) the output gradient channels first, ``col``
+        (Ho, KH, KW, Cin, 1, Wo, lanes) and ``parts`` (Ho, taps, Cout) workspaces, ``dWT``
+        (taps, Cout) the result, transposed. A row's patches (1.2 MB at batch 200) stay in the
+        core's cache between their copy and their product; the numba kernels give the rows to
+        their threads, and each row's call is the same at any thread count.
+        """
+        _gemm_rows(self.im2col_lanes, x, gT, col, parts, 0, gT.shape[1])
+        _sum_in_order(parts, dWT)
+
     def maxpool_forward(self, x, out, idx, relu=False):
         """``out`` = the maximum of each k x k window of ``x`` (stride k), ``idx`` = its place ``i*k + j``
         in the window.
@@ -456,6 +471,15 @@ class NumbaKernels:
     def im2col_lanes(self, x, col):
         self._split(self._fns["im2col_lanes"], (x, col), col.shape[0], light=True)
 
+    def conv2d_weight_grad_gemm(self, x, gT, col, parts, dWT):
+        im2col = self._fns["im2col_lanes"]
+
+        def patches(x, col):  # one row's, on the thread that multiplies them
+            im2col(x, col, 0, col.shape[0])
+
+        self._split(_gemm_rows, (patches, x, gT, col, parts), gT.shape[1])
+        _sum_in_order(parts, dWT)
+
     def channels_first(self, g, out):
         self._split(self._fns["channels_first"], (g, out), g.shape[0], light=True)
 
@@ -464,6 +488,21 @@ class NumbaKernels:
 
     def maxpool_backward(self, g, idx, pooled, relu, dx):
         self._split(self._fns["maxpool_backward"], (g, idx, pooled, bool(relu), dx), dx.shape[0], light=True)
+
+
+def _gemm_rows(im2col, x, gT, col, parts, lo, hi):
+    # Output rows lo..hi-1 of conv2d_weight_grad_gemm: each row's patches, then their product.
+    KH, taps, cout = col.shape[1], parts.shape[1], gT.shape[0]
+    for r in range(lo, hi):
+        im2col(x[r:r + KH], col[r])
+        np.dot(col[r].reshape(taps, -1), gT[:, r].reshape(cout, -1).T, out=parts[r])
+
+
+def _sum_in_order(parts, out):
+    # out = parts[0] + parts[1] + ..., left to right (whichever thread computed each part)
+    np.copyto(out, parts[0])
+    for part in parts[1:]:
+        out += part
 
 
 _CACHE = {}
