@@ -82,8 +82,10 @@ def atomic_write(path, data, keep_previous=None):
     Where the file system can (Linux's ``O_TMPFILE``), the data is written into a
     file with no name, fsynced, and only then linked beside ``path`` and renamed
     over it: a writer SIGKILLed while writing (``mpirun`` ends the ranks of a failed
-    job that way) leaves nothing, not even a temporary file. Elsewhere, as
-    :func:`atomic_path`.
+    job that way) leaves nothing, not even a temporary file. With ``keep_previous``
+    (checkpoints, written all through training) the old file is moved there first and
+    the new one is linked under ``path`` itself, so no temporary name exists at any
+    moment. Elsewhere, as :func:`atomic_path`.
     """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else bytes(data)
@@ -99,24 +101,35 @@ def atomic_write(path, data, keep_previous=None):
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-        # A name for a moment (link, rename: no I/O between them), then the target's.
-        tmp = path.parent / f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}{path.suffix}.tmp"
         folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: a dir fd makes Python call linkat, not link
-            os.link(f"/proc/self/fd/{fd}", tmp.name, dst_dir_fd=folder, follow_symlinks=True)
+        try:
+            if keep_previous is not None:
+                # The old file steps aside first, then the new one gets the target's name: never a
+                # temporary name (a writer SIGKILLed between the two leaves the previous one, complete).
+                if path.exists():
+                    os.replace(path, keep_previous)
+                _link(fd, path.name, folder)
+            else:
+                # Replacing in one step needs a name for a moment (link, rename: no I/O between them).
+                tmp = path.parent / f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}{path.suffix}.tmp"
+                _link(fd, tmp.name, folder)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
+                    raise
         finally:
             os.close(folder)
-        try:
-            if keep_previous is not None and path.exists():
-                os.replace(path, keep_previous)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            raise
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+def _link(fd, name, folder):
+    """Give the unnamed file ``fd`` the name ``name`` in the directory open as ``folder``."""
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: a dir fd makes Python call linkat, not link
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder, follow_symlinks=True)
 
 
 def _unnamed_file(folder):

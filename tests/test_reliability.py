@@ -556,6 +556,40 @@ def test_a_killed_write_leaves_the_old_file_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+def test_a_checkpoint_write_never_gives_the_new_file_a_temporary_name(tmp_path, monkeypatch):
+    """With keep_previous (checkpoints) the old file steps aside, then the new one is linked under
+    the final name: a writer killed at any moment leaves complete files under their own names only.
+
+    mpirun SIGKILLs every rank of a failed job, while some may be writing a checkpoint; a
+    temporary name linked for a moment was found left behind so, once in ~7 runs of the
+    2-node kill test.
+    """
+    from mlpcore import fsio
+
+    latest, previous = tmp_path / "rank0.npz", tmp_path / "rank0.prev.npz"
+    fsio.atomic_write(latest, b"first", keep_previous=previous)
+    names_at_link = []
+    real_link = fsio._link
+
+    def link(fd, name, folder):
+        names_at_link.append((name, sorted(p.name for p in tmp_path.iterdir())))
+        if len(names_at_link) == 2:
+            raise KeyboardInterrupt  # "killed" between the old file's move and the new file's name
+        real_link(fd, name, folder)
+
+    monkeypatch.setattr(fsio, "_link", link)
+    fsio.atomic_write(latest, b"second", keep_previous=previous)
+    # linked under the final name, once the old file has stepped aside; no other name
+    assert names_at_link[0] == ("rank0.npz", ["rank0.prev.npz"])
+    assert latest.read_bytes() == b"second" and previous.read_bytes() == b"first"
+    with pytest.raises(KeyboardInterrupt):
+        fsio.atomic_write(latest, b"third", keep_previous=previous)
+    assert names_at_link[1] == ("rank0.npz", ["rank0.prev.npz"])
+    # what the kill leaves: the last complete checkpoint, under its own name, and nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.prev.npz"]
+    assert previous.read_bytes() == b"second"
+
+
 def test_a_killed_overwrite_run_keeps_the_previous_results(tmp_path, start_job):
     out = tmp_path / "run"
     first = run_cli(TINY, 2, out=out, timeout=TIMEOUT)
