@@ -126,6 +126,19 @@ def conv_choice(n=BATCH, repeats=15):
     return rows
 
 
+def layer_weight_grad(n=BATCH, repeats=15):
+    """Microseconds of conv2's weight gradient as ``Conv2d`` computes it (im2col + BLAS an output row
+    at a time, on the lanes layout: :meth:`~mlpcore.nn.kernels.NumpyKernels.conv2d_weight_grad_gemm`)."""
+    fns = get_kernels("numba")
+    rng = np.random.default_rng(0)
+    x = rng.random((14, 14, 6, n), dtype=np.float32)
+    gT = rng.standard_normal((16, 10, 10, n)).astype(np.float32)
+    col, parts = np.empty((10, 5, 5, 6, 1, 10, n), np.float32), np.empty((10, 150, 16), np.float32)
+    dWT = np.empty((150, 16), np.float32)
+    with threadpool_limits(1):
+        return best_of(lambda: fns.conv2d_weight_grad_gemm(x, gT, col, parts, dWT), repeats) * 1e6
+
+
 # -- 3. the step, layer by layer -----------------------------------------------------------------
 def layer_profile(repeats=20, n=BATCH):
     """``[(layer, forward us, backward us)]`` of mlpcore's LeNet-5 at batch ``n``, one thread, best of ``repeats``."""
@@ -285,6 +298,8 @@ def main(argv=None):
         for name, p, direct, im2col, flops in conv_choice():
             print(f"  {name:12s} {p:12s} {direct:10.0f} {im2col:10.0f} {im2col / direct:13.2f} "
                   f"{flops / direct / 1e3:11.1f}")
+        print(f"  conv2's weight gradient as Conv2d computes it (im2col + BLAS a row at a time, lanes "
+              f"layout): {layer_weight_grad():.0f} us")
         print("\nmlpcore LeNet-5 step by layer (batch 200, one thread, best of 20), microseconds:")
         total = 0.0
         for name, fwd, bwd in layer_profile():
