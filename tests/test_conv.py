@@ -186,6 +186,7 @@ CONV_CASES = [  # (H, W, Cin, Cout, (KH, KW), pad, n)
     (8, 8, 1, 6, (5, 5), 2, 2),   # LeNet's first conv, smaller
     (9, 9, 6, 3, (5, 5), 0, 1),
     (9, 7, 1, 3, (5, 5), 1, 3),   # one input channel, 5-wide rows: the first conv's weight-gradient kernel
+    (8, 7, 5, 4, (3, 3), 1, 3),   # input channels in a triple and a pair (the input gradient's blocks)
 ]
 
 
