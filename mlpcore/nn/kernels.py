@@ -367,6 +367,10 @@ class NumbaKernels:
         out = np.zeros((4, 4, 3, n), dtype=f)
         self.conv2d_forward(xp, w, b, out)
         self.conv2d_backward_weight(out, xp, np.zeros((4, 18, n), dtype=f), np.zeros((3, n), dtype=f), w, b)
+        # one grey input channel, 5-wide kernel rows: the first conv's own weight-gradient kernel
+        g1, w1 = np.zeros((2, 2, 2, n), dtype=f), np.zeros((2, 5, 5, 1), dtype=f)
+        self.conv2d_backward_weight(g1, np.zeros((6, 6, 1, n), dtype=f), np.zeros((2, 26, n), dtype=f),
+                                    np.zeros((2, n), dtype=f), w1, b[:2])
         self.conv2d_backward_input(out, np.zeros((3, 3, 2, 3), dtype=f), np.zeros((4, 4, 2, n), dtype=f), 1)
         self.conv2d_bias_grad(out, np.zeros((3, n), dtype=f), b)
         self.im2col_lanes(xp, np.zeros((3, 3, 2, 4, 4, n), dtype=f))
