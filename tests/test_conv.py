@@ -407,7 +407,10 @@ def both(pair, name, *arrays, skip=()):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,W,Cin,Cout,k,pad,n", CONV_CASES + [(14, 14, 6, 16, (5, 5), 0, 13)])
+@pytest.mark.parametrize("H,W,Cin,Cout,k,pad,n", CONV_CASES + [
+    (14, 14, 6, 16, (5, 5), 0, 13),  # LeNet's second conv
+    (6, 34, 1, 3, (5, 5), 2, 9),     # rows of 34 outputs: a run of 28 positions, a block of 4, two single ones
+])
 def test_conv_kernels_are_bitwise_the_reference(pair, dtype, H, W, Cin, Cout, k, pad, n):
     rng = np.random.default_rng(H * Cout)
     KH, KW = k
@@ -538,6 +541,40 @@ def test_lenet5_layers_and_build_model_errors():
         build_model("lenet5", n_features=783, n_classes=10, hidden=(), dtype=np.float32, rng=np.random.default_rng(0))
     with pytest.raises(UsageError):
         build_model("lenet5", n_features=64, n_classes=10, hidden=(), dtype=np.float32, rng=np.random.default_rng(0))
+
+
+def test_conv_kernels_are_never_handed_overlapping_arrays(monkeypatch):
+    """The conv kernels are compiled with their array arguments marked noalias: a training step and a
+    prediction of LeNet-5 (numba kernels, 2 threads) must never pass one of them two arrays that share
+    memory. A kernel that did would compute garbage, silently."""
+    from mlpcore.nn import _numba_kernels
+
+    model = lenet(dtype=np.float32, kernels="numba")
+    kernels = model.kernels
+    calls = []
+
+    def checked(name, fn):
+        def call(*args):
+            arrays = [a for a in args if isinstance(a, np.ndarray)]
+            for i, a in enumerate(arrays):
+                for b in arrays[i + 1:]:
+                    assert not np.shares_memory(a, b), f"{name}: two arguments share memory"
+            calls.append(name)
+            return fn(*args)
+        return call
+
+    fns = dict(kernels._fns)
+    for name in _numba_kernels.NOALIAS_KERNELS:
+        fns[name] = checked(name, fns[name])
+    monkeypatch.setattr(kernels, "_fns", fns)
+    monkeypatch.setattr(kernels, "threads", 2)
+    rng = np.random.default_rng(0)
+    X, y = rng.random((37, 784)).astype(np.float32), rng.integers(0, 10, 37)
+    model.gradient(X, y)
+    model.predict(X)
+    # Every noalias kernel, but the generic weight gradient (LeNet's shapes take the other two) and
+    # fold_lanes (called inside the weight-gradient kernels, on a workspace and dw).
+    assert set(calls) == set(_numba_kernels.NOALIAS_KERNELS) - {"conv2d_backward_weight", "fold_lanes"}
 
 
 @pytest.mark.parametrize("threads", [2, 3])

@@ -453,7 +453,9 @@ class NumbaKernels:
         self._split(self._fns["from_lanes"], (x, out), out.shape[0], align=16, light=True)
 
     def conv2d_forward(self, x, w, b, out):
-        self._split(self._fns["conv2d_forward"], (x, w, b, out), out.shape[0])
+        cout, kh, kw, cin = w.shape
+        X = x.reshape(x.shape[0], x.shape[1] * cin, x.shape[3])  # image row h: (width * channels, lanes)
+        self._split(self._fns["conv2d_forward"], (X, w.reshape(cout, kh, kw * cin), b, out, cin), out.shape[0])
 
     def conv2d_backward_input(self, g, wt, dx, pad):
         self._split(self._fns["conv2d_backward_input"], (g, wt, dx, pad), dx.shape[0])
