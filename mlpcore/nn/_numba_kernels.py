@@ -2,11 +2,14 @@
 
 Each kernel mirrors its numpy reference in :class:`mlpcore.nn.kernels.NumpyKernels`
 operation for operation, in the arrays' own floating type, so the results are
-bitwise the same. Two compiler settings matter:
+bitwise the same. Three compiler settings matter:
 
 * ``error_model="numpy"`` drops Python's division-by-zero check, which would
   otherwise keep LLVM from vectorising the loops;
-* no ``fastmath``: nothing is reordered or fused into FMAs.
+* no ``fastmath``: nothing is reordered or fused into FMAs;
+* the convolutions' kernels mark their array arguments ``noalias`` (``conv_jit``),
+  so their loops need no run-time overlap checks (the caller's promise: no two of
+  their arrays share memory).
 
 The kernels live at module level so numba's on-disk cache (``cache=True``)
 can find them again in the next process.
