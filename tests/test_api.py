@@ -263,8 +263,9 @@ def test_under_mpirun_a_failing_rank_ends_the_job_as_the_cli_does(tmp_path):
     assert "error (rank 1, phase train)" in err and "InjectedFault" in err, err[-2000:]
     # A usage error every rank agrees on is raised on every rank (no MPI_Abort).
     bad = tmp_path / "bad.py"
-    bad.write_text("import mlpcore\ntry:\n    mlpcore.run(launcher='mpi', epochs=100000)\n"
-                   "except mlpcore.UsageError as e:\n    print('usage:', e)\n")
+    # One write a rank: the two ranks' output shares one pipe, and print's pieces could interleave.
+    bad.write_text("import sys, mlpcore\ntry:\n    mlpcore.run(launcher='mpi', epochs=100000)\n"
+                   "except mlpcore.UsageError as e:\n    sys.stdout.write(f'usage: {e}\\n')\n")
     rc, out, err, _ = run_command([mpirun_path(), "-n", "2", PYTHON, bad], timeout=120)
     assert rc == 0, err
     assert out.count("usage: --epochs 100000 is absurd") == 2
