@@ -264,14 +264,15 @@ class NumpyKernels:
     def conv2d_weight_grad_gemm(self, x, gT, col, parts, dWT):
         """The weight gradient by im2col + BLAS, an output row at a time, in a fixed order.
 
-        For each output row ``r``: ``col[r]`` = the patches of that row (:meth:`im2col_lanes` of
-        ``x[r:r+KH]``), then ``parts[r] = col[r] @ gT[:, r].T`` in one BLAS call; then
+        For each output row ``r``: the patches of that row (:meth:`im2col_lanes` of ``x[r:r+KH]``),
+        then ``parts[r] = patches @ gT[:, r].T`` in one BLAS call; then
         ``dWT = parts[0] + parts[1] + ...`` in row order. ``x`` (Hp, Wp, Cin, lanes) is the padded
         input, ``gT`` (Cout, Ho, Wo, lanes) the output gradient channels first, ``col``
         (Ho, KH, KW, Cin, 1, Wo, lanes) and ``parts`` (Ho, taps, Cout) workspaces, ``dWT``
-        (taps, Cout) the result, transposed. A row's patches (1.2 MB at batch 200) stay in the
-        core's cache between their copy and their product; the numba kernels give the rows to
-        their threads, and each row's call is the same at any thread count.
+        (taps, Cout) the result, transposed. The patches of every row are built in one slot of
+        ``col`` (``col[0]`` here; with the numba kernels' threads, the first row of each thread's
+        share), so a row's patches (1.2 MB at batch 200) stay in the core's cache between their
+        copy and their product; each row's call is the same at any thread count.
         """
         _gemm_rows(self.im2col_lanes, x, gT, col, parts, 0, gT.shape[1])
         _sum_in_order(parts, dWT)
@@ -497,11 +498,15 @@ class NumbaKernels:
 
 
 def _gemm_rows(im2col, x, gT, col, parts, lo, hi):
-    # Output rows lo..hi-1 of conv2d_weight_grad_gemm: each row's patches, then their product.
+    # Output rows lo..hi-1 of conv2d_weight_grad_gemm: each row's patches, then their product. Every
+    # row's patches go to the same slot, col[lo] (this share's own): rebuilt in place, they stay in
+    # the core's cache, where a slot a row would stream the whole workspace (6 MB at batch 100)
+    # through memory. The same values in the same shapes: the products are the same bits.
     KH, taps, cout = col.shape[1], parts.shape[1], gT.shape[0]
+    patches = col[lo]
     for r in range(lo, hi):
-        im2col(x[r:r + KH], col[r])
-        np.dot(col[r].reshape(taps, -1), gT[:, r].reshape(cout, -1).T, out=parts[r])
+        im2col(x[r:r + KH], patches)
+        np.dot(patches.reshape(taps, -1), gT[:, r].reshape(cout, -1).T, out=parts[r])
 
 
 def _sum_in_order(parts, out):
