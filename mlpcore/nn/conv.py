@@ -169,8 +169,8 @@ class Conv2d(Layer):
       same numpy calls under either kernels, so still bitwise the same between them;
     * ``"auto"`` (default): ``"gemm"`` when a filter has at least 64 taps
       (``kh*kw*in``), else ``"direct"``. Measured at LeNet's shapes, batch 200, one
-      thread (``scripts/bench_cnn.py``, Intel, 2026-12-04): conv1 (25 taps) direct 7.3x
-      faster than im2col + BLAS; conv2 (150 taps) im2col + BLAS 1.9x faster than direct.
+      thread (``scripts/bench_cnn.py``, Intel, 2026-12-04): conv1 (25 taps) direct 8.4x
+      faster than im2col + BLAS; conv2 (150 taps) im2col + BLAS 2.1x faster than direct.
     """
 
     GEMM_MIN_TAPS = 64
